@@ -1,0 +1,247 @@
+"""darkroom's settings: built once at start, then passed explicitly to whatever needs them.
+
+Sources, in increasing priority:
+
+1. defaults (below),
+2. a TOML file (``--config``; ``/etc/darkroom/darkroom.toml`` when present),
+3. the systemd credential ``$CREDENTIALS_DIRECTORY/immich_api_key`` (``LoadCredential=``),
+4. ``DARKROOM_*`` environment variables, nested with ``__`` (``DARKROOM_IMMICH__URL``).
+
+Nothing else in darkroom reads the environment or a config file; ``load_settings`` is the
+only door.  A bad value fails with :class:`SettingsError`, which names the field and the
+source it came from and never echoes a secret.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+DEFAULT_CONFIG_PATH = Path("/etc/darkroom/darkroom.toml")
+ENV_PREFIX = "DARKROOM_"
+ENV_NESTED_DELIMITER = "__"
+CREDENTIAL_NAME = "immich_api_key"
+# systemd exports these for StateDirectory=/CacheDirectory=; they are the natural defaults.
+SYSTEMD_STATE_ENV = "STATE_DIRECTORY"
+SYSTEMD_CACHE_ENV = "CACHE_DIRECTORY"
+SYSTEMD_CREDENTIALS_ENV = "CREDENTIALS_DIRECTORY"
+FALLBACK_STATE_DIR = Path("/var/lib/darkroom")
+FALLBACK_CACHE_DIR = Path("/var/cache/darkroom")
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+LogFormat = Literal["auto", "journal", "plain"]
+
+
+class SettingsError(Exception):
+    """Settings could not be built; the message names each bad field and its source."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ImmichSettings(_Section):
+    """Where Immich is and how darkroom talks to it."""
+
+    url: AnyHttpUrl | None = Field(
+        default=None, description="Immich base URL, with or without the trailing /api."
+    )
+    api_key: SecretStr | None = Field(
+        default=None, description="API key; prefer the systemd credential immich_api_key."
+    )
+    timeout_s: float = Field(default=30.0, gt=0, description="Timeout of one HTTP call.")
+    max_retries: int = Field(
+        default=4, ge=0, le=10, description="Retries for connect errors, 429 and 5xx."
+    )
+    download_cap_mb: int = Field(
+        default=200, gt=0, description="Largest original or preview darkroom will download."
+    )
+
+
+class PathSettings(_Section):
+    """Where darkroom keeps its state, its training cache and its checkpoints."""
+
+    state_dir: Path = Field(description="SQLite state database lives here.")
+    cache_dir: Path = Field(description="VAE latents and T5 embeddings.")
+    checkpoint_dir: Path = Field(description="Training checkpoints; default state_dir/checkpoints.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _checkpoints_beside_state(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("checkpoint_dir") is None and "state_dir" in data:
+            return {**data, "checkpoint_dir": str(Path(data["state_dir"]) / "checkpoints")}
+        return data
+
+    @property
+    def database(self) -> Path:
+        """The state database file."""
+        return self.state_dir / "darkroom.sqlite3"
+
+
+class Settings(_Section):
+    """Everything darkroom can be told. Frozen: built once, passed down."""
+
+    log_level: LogLevel = "INFO"
+    log_format: LogFormat = Field(
+        default="auto", description="journal: syslog priority prefixes; auto picks by stdout."
+    )
+    immich: ImmichSettings = ImmichSettings()
+    paths: PathSettings
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+
+def default_paths(environ: Mapping[str, str]) -> dict[str, str]:
+    """systemd-style default locations, honouring the directories systemd hands us."""
+    state = Path(environ.get(SYSTEMD_STATE_ENV) or FALLBACK_STATE_DIR)
+    cache = Path(environ.get(SYSTEMD_CACHE_ENV) or FALLBACK_CACHE_DIR)
+    return {"state_dir": str(state), "cache_dir": str(cache)}
+
+
+def load_settings(
+    config_path: Path | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Build the one Settings object from all sources; raise SettingsError on bad input.
+
+    ``config_path`` None means the default file if it exists; a path given explicitly must
+    exist.  ``environ`` defaults to the process environment (tests pass their own).
+    """
+    env = os.environ if environ is None else environ
+    layers: list[tuple[str, dict[str, Any]]] = [("defaults", {"paths": default_paths(env)})]
+    toml_path = _resolve_config_path(config_path)
+    if toml_path is not None:
+        layers.append((f"config file {toml_path}", _read_toml(toml_path)))
+    credential = _read_credential(env)
+    if credential is not None:
+        layers.append(credential)
+    layers.append(("environment", _env_layer(env)))
+    merged: dict[str, Any] = {}
+    for _, data in layers:
+        merged = _deep_merge(merged, data)
+    try:
+        return Settings.model_validate(merged)
+    except ValidationError as exc:
+        raise SettingsError(_describe_errors(exc, layers)) from None
+
+
+def _resolve_config_path(config_path: Path | None) -> Path | None:
+    if config_path is None:
+        return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else None
+    if not config_path.is_file():
+        raise SettingsError(f"config file {config_path} does not exist")
+    return config_path
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise SettingsError(f"config file {path} cannot be read: {exc.strerror}") from None
+
+
+def _read_credential(env: Mapping[str, str]) -> tuple[str, dict[str, Any]] | None:
+    directory = env.get(SYSTEMD_CREDENTIALS_ENV)
+    if not directory:
+        return None
+    path = Path(directory) / CREDENTIAL_NAME
+    if not path.is_file():
+        return None
+    key = path.read_text(encoding="utf-8").strip()
+    return (f"systemd credential {path}", {"immich": {"api_key": key}})
+
+
+def _env_layer(env: Mapping[str, str]) -> dict[str, Any]:
+    """DARKROOM_A__B=v becomes {"a": {"b": "v"}}; pydantic coerces the strings."""
+    layer: dict[str, Any] = {}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        keys = name[len(ENV_PREFIX) :].lower().split(ENV_NESTED_DELIMITER)
+        node = layer
+        for key in keys[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise SettingsError(f"environment variable {name} conflicts with {key}")
+            node = child
+        node[keys[-1]] = value
+    return layer
+
+
+def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _source_of(loc: tuple[int | str, ...], layers: list[tuple[str, dict[str, Any]]]) -> str:
+    """The highest-priority source that set the value at ``loc`` (or its nearest parent)."""
+    for name, data in reversed(layers):
+        node: Any = data
+        for part in loc:
+            if not isinstance(node, Mapping) or part not in node:
+                break
+            node = node[part]
+        else:
+            return name
+    for depth in range(len(loc) - 1, 0, -1):
+        found = _source_of(loc[:depth], layers)
+        if found != "defaults":
+            return found
+    return "defaults"
+
+
+def _may_echo(loc: tuple[int | str, ...]) -> bool:
+    """Whether the input at ``loc`` may be shown: only declared, non-secret leaf fields.
+
+    Sections and unknown keys are never echoed, since they could hold a misplaced key.
+    """
+    model: type[BaseModel] = Settings
+    for depth, part in enumerate(loc):
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return False
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+            continue
+        is_leaf = depth == len(loc) - 1
+        return is_leaf and "SecretStr" not in str(annotation)
+    return False
+
+
+def _describe_errors(exc: ValidationError, layers: list[tuple[str, dict[str, Any]]]) -> str:
+    lines = ["invalid settings:"]
+    for error in exc.errors():
+        loc = tuple(error["loc"])
+        field = ".".join(str(part) for part in loc)
+        where = _source_of(loc, layers)
+        value = error.get("input")
+        shown = ""
+        if _may_echo(loc) and isinstance(value, str | int | float | bool):
+            shown = f" (got {value!r})"
+        lines.append(f"  {field}: {error['msg']}{shown} [from {where}]")
+    return "\n".join(lines)

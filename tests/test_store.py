@@ -1,0 +1,130 @@
+"""The state store: migrations, refusal of newer schemas, atomic transactions under kill -9."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from daemon.store import SCHEMA_VERSION, SchemaTooNewError, Store
+
+ASSET = {
+    "id": "3f1b7c9e-2d4a-4b8e-9c1d-0a2b3c4d5e6f",
+    "owner_id": "owner",
+    "type": "IMAGE",
+    "checksum": "abc=",
+    "immich_updated_at": "2026-11-01T00:00:00.000Z",
+    "visibility": "timeline",
+    "first_seen_at": "2026-11-01T00:00:00Z",
+    "last_seen_at": "2026-11-01T00:00:00Z",
+}
+
+
+def insert_asset(conn: sqlite3.Connection, asset_id: str) -> None:
+    row = {**ASSET, "id": asset_id}
+    columns = ", ".join(row)
+    marks = ", ".join("?" for _ in row)
+    conn.execute(f"INSERT INTO assets ({columns}) VALUES ({marks})", tuple(row.values()))
+
+
+def test_new_database_is_wal_and_current(tmp_path: Path) -> None:
+    with Store(tmp_path / "state" / "db.sqlite3") as store:
+        assert store.schema_version == SCHEMA_VERSION
+        assert store.read("PRAGMA journal_mode")[0][0] == "wal"
+        tables = {row[0] for row in store.read("SELECT name FROM sqlite_master")}
+    assert {"assets", "stage_status", "writes", "review_queue", "kv"} <= tables
+
+
+@pytest.mark.parametrize("old_version", range(1, SCHEMA_VERSION))
+def test_older_database_is_migrated_keeping_data(tmp_path: Path, old_version: int) -> None:
+    path = tmp_path / "db.sqlite3"
+    with Store(path, migrate_to=old_version) as old:
+        assert old.schema_version == old_version
+        with old.transaction() as conn:
+            insert_asset(conn, ASSET["id"])
+    with Store(path) as store:
+        assert store.schema_version == SCHEMA_VERSION
+        assert store.asset_counts()["known"] == 1
+        with store.transaction() as conn:  # the tables of later migrations now exist
+            conn.execute(
+                "INSERT INTO review_queue (asset_id, kind, proposal, status, created_at) "
+                "VALUES (?, 'rotation', '{}', 'open', 'now')",
+                (ASSET["id"],),
+            )
+        assert store.open_reviews() == 1
+
+
+def test_newer_database_is_refused_clearly(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite3"
+    Store(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(SchemaTooNewError, match="newer darkroom"):
+        Store(path)
+
+
+def test_failed_transaction_leaves_nothing(tmp_path: Path) -> None:
+    with Store(tmp_path / "db.sqlite3") as store:
+        with pytest.raises(RuntimeError), store.transaction() as conn:
+            insert_asset(conn, "a")
+            raise RuntimeError("boom")
+        assert store.asset_counts()["known"] == 0
+
+
+def test_stage_counts(tmp_path: Path) -> None:
+    with Store(tmp_path / "db.sqlite3") as store:
+        with store.transaction() as conn:
+            for index, status in enumerate(["done", "done", "quarantined"]):
+                insert_asset(conn, f"a{index}")
+                conn.execute(
+                    "INSERT INTO stage_status (asset_id, stage, status, updated_at) "
+                    "VALUES (?, 'curate', ?, 'now')",
+                    (f"a{index}", status),
+                )
+        assert store.stage_counts() == {"curate": {"done": 2, "quarantined": 1}}
+
+
+KILLED_WRITER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from daemon.store import Store
+    from tests.test_store import insert_asset
+
+    store = Store(Path(sys.argv[1]))
+    with store.transaction() as conn:
+        insert_asset(conn, "committed")
+    with store.transaction() as conn:
+        for index in range(50):
+            insert_asset(conn, f"partial-{index}")
+        print("mid-transaction", flush=True)
+        time.sleep(60)
+    """
+)
+
+
+def test_kill_9_mid_transaction_leaves_no_partial_row(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite3"
+    repo = Path(__file__).resolve().parents[1]
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, str(path)],
+        cwd=repo,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+    )
+    assert child.stdout is not None
+    assert child.stdout.readline().strip() == "mid-transaction"
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    with Store(path) as store:
+        ids = [row[0] for row in store.read("SELECT id FROM assets")]
+        assert ids == ["committed"]
+        assert store.read("PRAGMA integrity_check")[0][0] == "ok"
