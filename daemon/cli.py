@@ -57,6 +57,52 @@ def cmd_doctor(settings: Settings, _args: argparse.Namespace) -> int:
     return EXIT_FAILED if any(c.outcome is Outcome.FAIL for c in checks) else EXIT_OK
 
 
+def cmd_review(settings: Settings, args: argparse.Namespace) -> int:
+    """List the rotations waiting for a person; apply, dismiss or undo one."""
+    from daemon import review
+    from daemon.immich import open_immich
+    from daemon.store import Store
+
+    with Store(settings.paths.database) as store:
+        if args.action == "list":
+            print(review.format_items(review.open_items(store)))
+            return EXIT_OK
+        try:
+            if args.action == "dismiss":
+                review.dismiss(store, args.asset)
+                print(f"{args.asset}: left as it is")
+                return EXIT_OK
+            with open_immich(settings) as immich:
+                if args.action == "apply":
+                    angle = review.apply(store, immich, args.asset, args.angle)
+                    print(f"{args.asset}: rotated {angle}° clockwise")
+                else:
+                    angle = review.undo(store, immich, args.asset)
+                    print(f"{args.asset}: darkroom's {angle}° rotation removed")
+        except review.ReviewError as exc:
+            print(f"darkroom review: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_recurate(settings: Settings, args: argparse.Namespace) -> int:
+    """Queue photos for curation again: older prompt versions, or the quarantined."""
+    from daemon import curate
+    from daemon.store import Store
+
+    if args.since_version is None and not args.quarantined:
+        print("darkroom recurate: give --since-version N and/or --quarantined", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    with Store(settings.paths.database) as store:
+        count = 0
+        if args.since_version is not None:
+            count += store.requeue_older_curations(args.since_version, curate.STAGE)
+        if args.quarantined:
+            count += store.requeue(curate.STAGE, "quarantined")
+    print(f"{count} photo(s) queued for curation")
+    return EXIT_OK
+
+
 Command = Callable[[Settings, argparse.Namespace], int]
 
 
@@ -75,10 +121,40 @@ def build_parser() -> argparse.ArgumentParser:
         help="TOML settings file (default: /etc/darkroom/darkroom.toml when present)",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, func in (("run", cmd_run), ("status", cmd_status), ("doctor", cmd_doctor)):
-        sub = commands.add_parser(name, help=(func.__doc__ or "").splitlines()[0])
-        sub.set_defaults(func=func)
+    subs = {}
+    for name, func in (
+        ("run", cmd_run),
+        ("status", cmd_status),
+        ("doctor", cmd_doctor),
+        ("review", cmd_review),
+        ("recurate", cmd_recurate),
+    ):
+        subs[name] = commands.add_parser(name, help=(func.__doc__ or "").splitlines()[0])
+        subs[name].set_defaults(func=func)
+    _review_arguments(subs["review"])
+    subs["recurate"].add_argument(
+        "--since-version",
+        type=int,
+        metavar="N",
+        help="redo photos curated with a prompt version older than N",
+    )
+    subs["recurate"].add_argument(
+        "--quarantined", action="store_true", help="give quarantined photos another try"
+    )
     return parser
+
+
+def _review_arguments(review: argparse.ArgumentParser) -> None:
+    actions = review.add_subparsers(dest="action", metavar="ACTION")
+    review.set_defaults(action="list")
+    actions.add_parser("list", help="the photos waiting for a decision (default)")
+    apply = actions.add_parser("apply", help="rotate a photo (default: as most votes said)")
+    apply.add_argument("asset", help="the asset id")
+    apply.add_argument("--angle", type=int, choices=(90, 180, 270), help="clockwise degrees")
+    dismiss = actions.add_parser("dismiss", help="leave a photo as it is")
+    dismiss.add_argument("asset", help="the asset id")
+    undo = actions.add_parser("undo", help="remove a rotation darkroom applied")
+    undo.add_argument("asset", help="the asset id")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 from daemon.immich import NEEDED_PERMISSIONS, OPTIONAL_PERMISSIONS, open_immich
 from daemon.settings import Settings, SettingsError
 from daemon.store import SCHEMA_VERSION, Store, StoreError
+from daemon.vision import VisionError, VisionPool
 from immich_client import ImmichError
 
 
@@ -110,11 +111,29 @@ def check_immich(settings: Settings) -> Check:
     return Check("immich", Outcome.OK, f"{detail}; all permissions present")
 
 
+def check_vision(settings: Settings) -> Check:
+    """Every Ollama host has the vision model, and it can see images."""
+    pool = VisionPool(settings.ollama)
+    try:
+        provenance = pool.check()
+    except VisionError as exc:
+        return Check("vision", Outcome.FAIL, str(exc))
+    finally:
+        pool.close()
+    hosts = ", ".join(model.host for model in pool.models)
+    return Check(
+        "vision",
+        Outcome.OK,
+        f"{provenance.model} ({provenance.digest[:12]}) sees images on {hosts}",
+    )
+
+
 CHECKS: tuple[Callable[[Settings], Check], ...] = (
     check_config,
     check_state_dir,
     check_database,
     check_immich,
+    check_vision,
 )
 
 # The edits API (rotation as a non-destructive edit) arrived in Immich 2.5.
@@ -122,7 +141,6 @@ MIN_IMMICH_VERSION = (2, 5, 0)
 
 # What later work will check here, reported so nobody mistakes silence for a pass.
 NOT_YET_CHECKED = (
-    "Ollama: vision model present and able to see images",
     "GPU: training device and memory",
     "cache: integrity of the training cache",
 )

@@ -14,6 +14,7 @@ source it came from and never echoes a secret.
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from collections.abc import Mapping
@@ -72,6 +73,70 @@ class ImmichSettings(_Section):
     )
 
 
+class OllamaSettings(_Section):
+    """The vision model and the Ollama server(s) that run it."""
+
+    hosts: list[AnyHttpUrl] = Field(
+        default_factory=lambda: [AnyHttpUrl("http://127.0.0.1:11434")],
+        min_length=1,
+        description="One or more Ollama servers; work is spread across them.",
+    )
+    model: str = Field(
+        default="qwen2.5vl:7b",
+        min_length=1,
+        description="A vision model that follows a JSON schema with images.",
+    )
+
+    @field_validator("hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        return [h.strip() for h in value.split(",")] if isinstance(value, str) else value
+
+    parallel: int = Field(
+        default=1, ge=1, le=16, description="Requests per host at once (OLLAMA_NUM_PARALLEL)."
+    )
+    timeout_s: float = Field(default=300.0, gt=0, description="Timeout of one model call.")
+    num_ctx: int = Field(default=8192, ge=2048, description="Context length; kept constant.")
+    temperature: float = Field(default=0.0, ge=0, le=2)
+    seed: int = 42
+    keep_alive: str = Field(default="30m", description="How long Ollama keeps the model loaded.")
+    image_long_side: int = Field(
+        default=1024, ge=256, le=4096, description="Images are sent downscaled to this."
+    )
+    orientation_long_side: int = Field(
+        default=512, ge=128, le=4096, description="Size of the four orientation views."
+    )
+
+
+class CurationSettings(_Section):
+    """What the robot critic does, and what it may write into Immich."""
+
+    describe: bool = True
+    score: bool = True
+    orient: bool = True
+    description_mode: Literal["fill-empty", "never"] = "fill-empty"
+    rating_mode: Literal["fill-empty", "never"] = "fill-empty"
+    dry_run: bool = Field(default=False, description="Compute and store, write nothing.")
+    max_attempts: int = Field(default=3, ge=1, le=10, description="Tries per model answer.")
+    description_max_chars: int = Field(default=2000, ge=100)
+    keep_preamble: bool = Field(default=False, description='Keep "This image shows…".')
+    orientation_rule: Literal["unanimous", "majority"] = "unanimous"
+    review_album: str = Field(default="darkroom · check rotation", min_length=1)
+    tag_prefix: str = Field(default="darkroom", min_length=1, pattern=r"^[^/]+$")
+
+
+class DiscoverySettings(_Section):
+    """How darkroom notices new and changed photos in Immich."""
+
+    interval_s: float = Field(default=300.0, gt=0, description="Seconds between polls.")
+    safety_margin_s: float = Field(
+        default=600.0, ge=0, description="Look back this far before the last change seen."
+    )
+    visibilities: list[Literal["timeline", "archive", "hidden", "locked"]] = Field(
+        default_factory=lambda: ["timeline", "archive"], min_length=1
+    )
+
+
 class PathSettings(_Section):
     """Where darkroom keeps its state, its training cache and its checkpoints."""
 
@@ -100,6 +165,9 @@ class Settings(_Section):
         default="auto", description="journal: syslog priority prefixes; auto picks by stdout."
     )
     immich: ImmichSettings = ImmichSettings()
+    ollama: OllamaSettings = OllamaSettings()
+    curation: CurationSettings = CurationSettings()
+    discovery: DiscoverySettings = DiscoverySettings()
     paths: PathSettings
 
     @field_validator("log_level", mode="before")
@@ -183,8 +251,18 @@ def _env_layer(env: Mapping[str, str]) -> dict[str, Any]:
             if not isinstance(child, dict):
                 raise SettingsError(f"environment variable {name} conflicts with {key}")
             node = child
-        node[keys[-1]] = value
+        node[keys[-1]] = _env_value(name, value)
     return layer
+
+
+def _env_value(name: str, value: str) -> Any:
+    """Lists and tables come as JSON (``["http://a:11434", "http://b:11434"]``)."""
+    if not value.lstrip().startswith(("[", "{")):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise SettingsError(f"environment variable {name} is not valid JSON: {exc}") from None
 
 
 def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:

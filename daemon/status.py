@@ -5,6 +5,8 @@ from __future__ import annotations
 from daemon.settings import Settings
 from daemon.store import Store
 
+MAX_PROBLEMS = 20
+
 
 def render_status(settings: Settings) -> str:
     """Counts of assets, of each stage's statuses, and of open reviews."""
@@ -15,6 +17,7 @@ def render_status(settings: Settings) -> str:
         assets = store.asset_counts()
         stages = store.stage_counts()
         reviews = store.open_reviews()
+        problems = store.problems(MAX_PROBLEMS)
     lines = [
         f"state: {path}",
         f"assets: {assets['known']} known, {assets['trashed']} in trash, "
@@ -26,4 +29,8 @@ def render_status(settings: Settings) -> str:
         parts = ", ".join(f"{count} {status}" for status, count in counts.items())
         lines.append(f"{stage}: {parts}")
     lines.append(f"review queue: {reviews} open")
+    if problems:
+        lines.append("why assets were skipped, quarantined or failed:")
+    for stage, status, reason, count in problems:
+        lines.append(f"  {count:>5} {stage} {status}: {reason or 'no reason recorded'}")
     return "\n".join(lines)

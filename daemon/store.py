@@ -9,15 +9,19 @@ numbered migrations in :data:`MIGRATIONS`; ``PRAGMA user_version`` records how m
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict, astuple, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import sqlite_utils
+from sqlite_utils.db import NotFoundError
 
 BUSY_TIMEOUT_MS = 10_000
 
@@ -49,6 +53,7 @@ _MIGRATION_1 = (
         is_trashed INTEGER NOT NULL DEFAULT 0,
         is_deleted INTEGER NOT NULL DEFAULT 0,
         original_file_name TEXT,
+        thumbnail_ready INTEGER NOT NULL DEFAULT 0,
         first_seen_at TEXT NOT NULL,
         last_seen_at TEXT NOT NULL
     )""",
@@ -88,10 +93,67 @@ _MIGRATION_2 = (
     )""",
     "CREATE INDEX review_queue_by_status ON review_queue (status)",
 )
+_MIGRATION_3 = (
+    # What the vision model said about each asset, and the fields a person has claimed.
+    """CREATE TABLE curations (
+        asset_id TEXT PRIMARY KEY REFERENCES assets(id) ON DELETE CASCADE,
+        description TEXT,
+        scores TEXT,
+        overall REAL,
+        stars INTEGER,
+        orientation TEXT,
+        model TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        prompt_version INTEGER NOT NULL,
+        provenance TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    )""",
+    """CREATE TABLE human_fields (
+        asset_id TEXT NOT NULL,
+        field TEXT NOT NULL,
+        noticed_at TEXT NOT NULL,
+        PRIMARY KEY (asset_id, field)
+    )""",
+)
 
 # Append only: a released migration is never edited, a new one is added at the end.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_MIGRATION_1, _MIGRATION_2)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_MIGRATION_1, _MIGRATION_2, _MIGRATION_3)
 SCHEMA_VERSION = len(MIGRATIONS)
+
+
+FIRST_STAGE = "curate"
+CURATED_TYPES = frozenset({"IMAGE"})
+
+
+@dataclass(frozen=True)
+class SeenAsset:
+    """An asset as discovery saw it in Immich."""
+
+    id: str
+    owner_id: str
+    type: str
+    checksum: str
+    updated_at: str
+    visibility: str
+    is_trashed: bool
+    original_file_name: str
+    thumbnail_ready: bool
+
+
+@dataclass(frozen=True)
+class UpsertCounts:
+    """What an upsert of seen assets changed."""
+
+    new: int = 0
+    replaced: int = 0
+    updated: int = 0
+    skipped: int = 0
+
+    def __add__(self, other: UpsertCounts) -> UpsertCounts:
+        return UpsertCounts(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
+
+    def __str__(self) -> str:
+        return ", ".join(f"{v} {k}" for k, v in asdict(self).items())
 
 
 class Store:
@@ -146,10 +208,11 @@ class Store:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self._conn
+                self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
                 raise
-            self._conn.execute("COMMIT")
 
     def read(self, sql: str, params: tuple[object, ...] | dict[str, object] = ()) -> list[tuple]:
         """Run a read-only query and return all rows."""
@@ -172,6 +235,250 @@ class Store:
                 (key, value),
             )
 
+    # -- assets -----------------------------------------------------------------------
+
+    def upsert_assets(self, assets: list[SeenAsset]) -> UpsertCounts:
+        """Record assets seen in Immich, in one transaction.
+
+        A new image (or one whose checksum changed: the file was replaced) becomes pending
+        in the first stage; other types are recorded as skipped with the reason.  Anything
+        else only refreshes the row, so darkroom's own writes never cause new work.
+        """
+        if not assets:
+            return UpsertCounts()
+        now = utc_now()
+        ids = [a.id for a in assets]
+        with self.transaction() as conn:
+            marks = ",".join("?" * len(ids))
+            known = dict(
+                conn.execute(f"SELECT id, checksum FROM assets WHERE id IN ({marks})", ids)
+            )
+            counts = [0, 0, 0, 0]
+            for asset in assets:
+                kind = self._upsert_asset(conn, asset, known.get(asset.id), now)
+                counts[kind] += 1
+        return UpsertCounts(*counts)
+
+    def _upsert_asset(
+        self, conn: sqlite3.Connection, asset: SeenAsset, old_checksum: str | None, now: str
+    ) -> int:
+        """Write one row; return 0 new, 1 replaced, 2 updated, 3 skipped (for the counts)."""
+        values = (
+            asset.id, asset.owner_id, asset.type, asset.checksum, asset.updated_at,
+            asset.visibility, int(asset.is_trashed), asset.original_file_name,
+            int(asset.thumbnail_ready), now, now,
+        )  # fmt: skip
+        conn.execute(
+            "INSERT INTO assets (id, owner_id, type, checksum, immich_updated_at, visibility, "
+            "is_trashed, original_file_name, thumbnail_ready, first_seen_at, last_seen_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+            "type = excluded.type, checksum = excluded.checksum, "
+            "immich_updated_at = excluded.immich_updated_at, visibility = excluded.visibility, "
+            "is_trashed = excluded.is_trashed, is_deleted = 0, "
+            "original_file_name = excluded.original_file_name, "
+            "thumbnail_ready = excluded.thumbnail_ready, last_seen_at = excluded.last_seen_at",
+            values,
+        )
+        if old_checksum == asset.checksum:
+            return 2
+        if asset.type not in CURATED_TYPES:
+            reason = f"{asset.type.lower()} assets are not curated"
+            self.set_stage(conn, asset.id, FIRST_STAGE, "skipped", error=reason)
+            return 3
+        conn.execute("DELETE FROM stage_status WHERE asset_id = ?", (asset.id,))
+        self.set_stage(conn, asset.id, FIRST_STAGE, "pending")
+        return 0 if old_checksum is None else 1
+
+    # -- per-asset stage progress -------------------------------------------------------
+
+    def set_stage(
+        self,
+        conn: sqlite3.Connection,
+        asset_id: str,
+        stage: str,
+        status: str,
+        *,
+        error: str | None = None,
+        attempted: bool = False,
+    ) -> None:
+        """Record ``asset_id``'s status in ``stage`` (inside the caller's transaction)."""
+        conn.execute(
+            "INSERT INTO stage_status (asset_id, stage, status, attempts, last_error, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (asset_id, stage) DO UPDATE SET "
+            "status = excluded.status, last_error = excluded.last_error, "
+            "attempts = stage_status.attempts + ?, updated_at = excluded.updated_at",
+            (asset_id, stage, status, int(attempted), error, utc_now(), int(attempted)),
+        )
+
+    def mark(self, asset_id: str, stage: str, status: str, **kwargs: Any) -> None:
+        """``set_stage`` in a transaction of its own."""
+        with self.transaction() as conn:
+            self.set_stage(conn, asset_id, stage, status, **kwargs)
+
+    def pending(self, stage: str, limit: int) -> list[str]:
+        """Assets waiting in ``stage``, oldest first, skipping trashed and deleted ones."""
+        rows = self.read(
+            "SELECT s.asset_id FROM stage_status s JOIN assets a ON a.id = s.asset_id "
+            "WHERE s.stage = ? AND s.status = 'pending' AND NOT a.is_trashed "
+            "AND NOT a.is_deleted AND a.thumbnail_ready ORDER BY s.updated_at LIMIT ?",
+            (stage, limit),
+        )
+        return [row[0] for row in rows]
+
+    def stage_of(self, asset_id: str, stage: str) -> tuple[str, int, str | None] | None:
+        """(status, attempts, last error) of one asset in one stage."""
+        rows = self.read(
+            "SELECT status, attempts, last_error FROM stage_status "
+            "WHERE asset_id = ? AND stage = ?",
+            (asset_id, stage),
+        )
+        return rows[0] if rows else None
+
+    # -- curation results -----------------------------------------------------------------
+
+    def save_curation(
+        self, asset_id: str, row: dict[str, object], *, done_stage: str, next_stage: str
+    ) -> None:
+        """Keep a curation result and move the asset from one stage to the next, atomically."""
+        record = {"asset_id": asset_id, **row, "created_at": utc_now()}
+        columns = ", ".join(record)
+        marks = ", ".join("?" for _ in record)
+        with self.transaction() as conn:
+            conn.execute(
+                f"INSERT OR REPLACE INTO curations ({columns}) VALUES ({marks})",
+                tuple(record.values()),
+            )
+            self.set_stage(conn, asset_id, done_stage, "done", attempted=True)
+            self.set_stage(conn, asset_id, next_stage, "pending")
+
+    def curation(self, asset_id: str) -> dict[str, Any] | None:
+        """The stored curation of an asset, JSON columns decoded."""
+        with self._lock:
+            try:
+                row = self.db["curations"].get(asset_id)
+            except NotFoundError:
+                return None
+        for column in ("scores", "orientation", "provenance"):
+            if row[column] is not None:
+                row[column] = json.loads(row[column])
+        return row
+
+    def requeue_older_curations(self, below_version: int, stage: str) -> int:
+        """Make curations from prompt versions before ``below_version`` pending again."""
+        with self.transaction() as conn:
+            ids = [
+                row[0]
+                for row in conn.execute(
+                    "SELECT asset_id FROM curations WHERE prompt_version < ?", (below_version,)
+                )
+            ]
+            for asset_id in ids:
+                self.set_stage(conn, asset_id, stage, "pending")
+        return len(ids)
+
+    def requeue(self, stage: str, status: str) -> int:
+        """Make every asset in ``status`` in ``stage`` pending again (e.g. quarantined)."""
+        with self.transaction() as conn:
+            cursor = conn.execute(
+                "UPDATE stage_status SET status = 'pending', attempts = 0, updated_at = ? "
+                "WHERE stage = ? AND status = ?",
+                (utc_now(), stage, status),
+            )
+            return cursor.rowcount
+
+    # -- the ledger of writes to Immich ---------------------------------------------------
+
+    def intend_write(self, asset_id: str, field: str, value: object) -> int:
+        """Record, before doing it, that ``value`` is about to be written; return its id."""
+        with self.transaction() as conn:
+            cursor = conn.execute(
+                "INSERT INTO writes (asset_id, field, value, state, intended_at) "
+                "VALUES (?, ?, ?, 'intended', ?)",
+                (asset_id, field, json.dumps(value, sort_keys=True), utc_now()),
+            )
+            return int(cursor.lastrowid or 0)
+
+    def finish_write(self, write_id: int, state: str) -> None:
+        """Record that an intended write happened (``done``) or never will (``abandoned``)."""
+        with self.transaction() as conn:
+            conn.execute(
+                "UPDATE writes SET state = ?, done_at = ? WHERE id = ? AND state = 'intended'",
+                (state, utc_now(), write_id),
+            )
+
+    def unfinished_writes(self, asset_id: str) -> list[tuple[int, str, object]]:
+        """Writes begun but not confirmed (a crash came between): (id, field, value)."""
+        rows = self.read(
+            "SELECT id, field, value FROM writes WHERE asset_id = ? AND state = 'intended' "
+            "ORDER BY id",
+            (asset_id,),
+        )
+        return [(row[0], row[1], json.loads(row[2])) for row in rows]
+
+    def last_written(self, asset_id: str, field: str) -> tuple[bool, object]:
+        """(True, value) for the last value darkroom wrote to ``field``; (False, None) if none."""
+        rows = self.read(
+            "SELECT value FROM writes WHERE asset_id = ? AND field = ? AND state = 'done' "
+            "ORDER BY id DESC LIMIT 1",
+            (asset_id, field),
+        )
+        return (True, json.loads(rows[0][0])) if rows else (False, None)
+
+    def write_count(self, asset_id: str | None = None) -> int:
+        """How many writes were confirmed (for one asset, or in all)."""
+        if asset_id is None:
+            return int(self.read("SELECT COUNT(*) FROM writes WHERE state = 'done'")[0][0])
+        sql = "SELECT COUNT(*) FROM writes WHERE state = 'done' AND asset_id = ?"
+        return int(self.read(sql, (asset_id,))[0][0])
+
+    # -- fields a person owns -------------------------------------------------------------
+
+    def claim_for_human(self, asset_id: str, field: str) -> None:
+        """A person changed ``field``: darkroom never writes it again."""
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT OR IGNORE INTO human_fields (asset_id, field, noticed_at) VALUES (?, ?, ?)",
+                (asset_id, field, utc_now()),
+            )
+
+    def is_human(self, asset_id: str, field: str) -> bool:
+        """Whether a person has claimed ``field`` of ``asset_id``."""
+        sql = "SELECT 1 FROM human_fields WHERE asset_id = ? AND field = ?"
+        return bool(self.read(sql, (asset_id, field)))
+
+    # -- the review queue -----------------------------------------------------------------
+
+    def open_review(
+        self, conn: sqlite3.Connection, asset_id: str, kind: str, proposal: dict
+    ) -> None:
+        """Ask a person to decide (inside the caller's transaction); reopens a closed one."""
+        conn.execute(
+            "INSERT INTO review_queue (asset_id, kind, proposal, status, created_at) "
+            "VALUES (?, ?, ?, 'open', ?) ON CONFLICT (asset_id, kind) DO UPDATE SET "
+            "proposal = excluded.proposal, status = 'open', created_at = excluded.created_at, "
+            "resolved_at = NULL",
+            (asset_id, kind, json.dumps(proposal, sort_keys=True), utc_now()),
+        )
+
+    def reviews(self, status: str = "open") -> list[tuple[str, str, dict, str]]:
+        """(asset id, kind, proposal, created at) of reviews in ``status``."""
+        rows = self.read(
+            "SELECT asset_id, kind, proposal, created_at FROM review_queue WHERE status = ? "
+            "ORDER BY created_at",
+            (status,),
+        )
+        return [(r[0], r[1], json.loads(r[2]), r[3]) for r in rows]
+
+    def resolve_review(self, asset_id: str, kind: str, status: str) -> bool:
+        """Close (or reopen as ``undone``) a review; False when there was none."""
+        with self.transaction() as conn:
+            cursor = conn.execute(
+                "UPDATE review_queue SET status = ?, resolved_at = ? "
+                "WHERE asset_id = ? AND kind = ?",
+                (status, utc_now(), asset_id, kind),
+            )
+            return cursor.rowcount > 0
+
     # -- summaries ------------------------------------------------------------------------
 
     def stage_counts(self) -> dict[str, dict[str, int]]:
@@ -193,6 +500,16 @@ class Store:
             "COALESCE(SUM(is_deleted), 0) FROM assets"
         )[0]
         return {"known": row[0], "trashed": row[1], "deleted": row[2]}
+
+    def problems(self, limit: int) -> list[tuple[str, str, str, int]]:
+        """(stage, status, reason, count) of failed and quarantined assets, commonest first."""
+        rows = self.read(
+            "SELECT stage, status, COALESCE(last_error, ''), COUNT(*) AS n FROM stage_status "
+            "WHERE status IN ('failed', 'quarantined', 'skipped') "
+            "GROUP BY stage, status, last_error ORDER BY n DESC LIMIT ?",
+            (limit,),
+        )
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
 
     def open_reviews(self) -> int:
         """How many decisions wait for a person."""

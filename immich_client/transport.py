@@ -34,6 +34,8 @@ API_KEY_HEADER = "x-api-key"
 API_PREFIX = "/api"
 USER_AGENT = "darkroom"
 MISSING_PERMISSION_PREFIX = "Missing required permission: "
+# Immich answers 400 (not 404) for an id that does not exist or is not the user's.
+NOT_FOUND_PREFIX = "Not found or no "
 # Only this much of an error body is read: enough for Immich's JSON message.
 ERROR_BODY_LIMIT = 64 * 1024
 HTTP_TOO_MANY_REQUESTS = 429
@@ -218,7 +220,7 @@ def _error_for(response: httpx.Response, what: str) -> ImmichError:
         )
         hint = f"; the API key needs the permission {missing}" if missing else ""
         return ImmichForbiddenError(f"{what}: forbidden ({said}){hint}", missing_permission=missing)
-    if status == httpx.codes.NOT_FOUND:
+    if status == httpx.codes.NOT_FOUND or any(m.startswith(NOT_FOUND_PREFIX) for m in messages):
         return ImmichNotFoundError(f"{what}: not found ({said})", status=status)
     if status == httpx.codes.BAD_REQUEST:
         return ImmichValidationError(

@@ -1,0 +1,59 @@
+"""Shared pytest fixtures: a started stand-in Immich server and real test photos."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from tests.immich_library import SAMPLE_PHOTOS, make_jpeg
+from tests.immich_server import ImmichServer
+
+ImmichFactory = Callable[..., ImmichServer]
+
+
+def _fail_on_violations(server: ImmichServer) -> None:
+    """Fail the test if the stand-in answered outside the spec or crashed (its own bugs)."""
+    if server.spec_violations:
+        listed = "\n  ".join(server.spec_violations)
+        pytest.fail(f"stand-in Immich answered outside its OpenAPI spec:\n  {listed}")
+    if server.crashes:
+        pytest.fail("stand-in Immich crashed:\n" + "\n".join(server.crashes))
+
+
+@pytest.fixture
+def make_immich() -> Iterator[ImmichFactory]:
+    """Start stand-in servers with custom settings (``make_immich(permissions=[...])``).
+
+    Every server is stopped afterwards, and the test fails if any of them recorded a spec
+    violation (a response of the stand-in that the real API would not give) or crashed.
+    """
+    servers: list[ImmichServer] = []
+
+    def start(**settings: Any) -> ImmichServer:
+        server = ImmichServer(**settings).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+    for server in servers:
+        _fail_on_violations(server)
+
+
+@pytest.fixture
+def immich(make_immich: ImmichFactory) -> ImmichServer:
+    """A started stand-in Immich server with an all-permissions key and an empty library."""
+    return make_immich()
+
+
+@pytest.fixture(scope="session")
+def real_jpegs() -> dict[str, bytes]:
+    """One real JPEG per scikit-image sample photo, by name (astronaut, chelsea, …)."""
+    return {name: make_jpeg(name) for name in SAMPLE_PHOTOS}
+
+
+# Curation fixtures (the Ollama stand-in with a looking critic, a darkroom Context).
+from tests.curation_harness import critic, make_ctx, ollama  # noqa: E402, F401
