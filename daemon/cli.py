@@ -37,7 +37,11 @@ def cmd_run(settings: Settings, _args: argparse.Namespace) -> int:
     """Run the daemon in the foreground (systemd runs exactly this)."""
     from daemon.service import Service
 
-    return Service(settings).run()
+    try:
+        return Service(settings).run()
+    except SettingsError as exc:
+        print(f"darkroom: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
 
 
 def cmd_status(settings: Settings, _args: argparse.Namespace) -> int:

@@ -10,11 +10,12 @@ is curated again only when its checksum changes (the file was replaced).
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from daemon.settings import DiscoverySettings
-from daemon.store import SeenAsset, Store, UpsertCounts
+from daemon.store import SeenAsset, Store, UpsertCounts, utc_now
 from immich_client import ImmichClient
 from immich_client.models import Asset
 
@@ -22,6 +23,11 @@ log = logging.getLogger("darkroom.discover")
 
 WATERMARK_KEY = "discovery_watermark"
 OWNER_KEY = "owner_id"
+RECONCILED_KEY = "last_reconciliation"
+# Rows written per transaction during a sweep: one commit per page would rewrite the same
+# index pages again and again once the library is large.  A crash mid-sweep loses
+# nothing: the watermark only moves after the sweep, so the next poll repeats it.
+WRITE_BATCH = 5_000
 
 
 @dataclass(frozen=True)
@@ -58,24 +64,61 @@ def owner_id(store: Store, immich: ImmichClient) -> str:
 
 
 def discover(store: Store, immich: ImmichClient, settings: DiscoverySettings) -> DiscoveryReport:
-    """Poll Immich once and bring the store up to date."""
-    owner = owner_id(store, immich)
+    """Poll Immich once for what changed and bring the store up to date."""
     stored = store.get_value(WATERMARK_KEY)
     watermark = datetime.fromisoformat(stored) if stored else None
     since = watermark - timedelta(seconds=settings.safety_margin_s) if watermark else None
-    total = UpsertCounts()
+    report = _sweep(store, immich, settings, since, watermark)
+    if report.watermark is not None and report.watermark != watermark:
+        store.set_value(WATERMARK_KEY, report.watermark.isoformat())
+    log.info("poll: %s in %d requests", report.counts, report.requests)
+    return report
+
+
+def reconcile(store: Store, immich: ImmichClient, settings: DiscoverySettings) -> int:
+    """Walk the whole library once; assets Immich no longer has are marked deleted.
+
+    Hard deletes leave no trace a poll could see, so this is the only way to notice them.
+    Returns how many assets were found gone.
+    """
+    started = utc_now()
+    _sweep(store, immich, settings, None, None)
+    gone = store.mark_unseen_deleted(started)
+    store.set_value(RECONCILED_KEY, started)
+    log.info("reconciliation: %d asset(s) gone from Immich", gone)
+    return gone
+
+
+def _sweep(
+    store: Store,
+    immich: ImmichClient,
+    settings: DiscoverySettings,
+    since: datetime | None,
+    newest: datetime | None,
+) -> DiscoveryReport:
+    """Page through every visibility (trash included) and upsert the owner's assets."""
+    owner = owner_id(store, immich)
     requests = 0
-    newest = watermark
-    for visibility in settings.visibilities:
-        pages = immich.search_pages(updated_after=since, visibility=visibility, with_deleted=True)
-        for page in pages:
-            requests += 1
-            mine = [seen(a) for a in page.items if a.owner_id == owner]
-            total += store.upsert_assets(mine)
-            latest = max((a.updated_at for a in page.items), default=None)
-            if latest is not None and (newest is None or latest > newest):
-                newest = latest
-    if newest is not None and newest != watermark:
-        store.set_value(WATERMARK_KEY, newest.isoformat())
-    log.info("poll: %s in %d requests", total, requests)
+    batch: list[SeenAsset] = []
+    # Writes go to a thread of their own (SQLite works without the GIL), so reading
+    # pages and writing rows overlap; at most one batch waits, bounding memory.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="discover-write") as writer:
+        written: list[Future[UpsertCounts]] = []
+        for visibility in settings.visibilities:
+            pages = immich.search_pages(
+                updated_after=since, visibility=visibility, with_deleted=True
+            )
+            for page in pages:
+                requests += 1
+                batch += [seen(a) for a in page.items if a.owner_id == owner]
+                if len(batch) >= WRITE_BATCH:
+                    if written:
+                        written[-1].result()
+                    written.append(writer.submit(store.upsert_assets, batch))
+                    batch = []
+                latest = max((a.updated_at for a in page.items), default=None)
+                if latest is not None and (newest is None or latest > newest):
+                    newest = latest
+        written.append(writer.submit(store.upsert_assets, batch))
+        total = sum((future.result() for future in written), UpsertCounts())
     return DiscoveryReport(total, requests, newest)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from daemon.settings import Settings, SettingsError
 from immich_client import PERMISSIONS, ImmichClient, RetryPolicy
+from immich_client.transport import Observer
 
 # Permissions darkroom can work without, and what is lost without each.
 OPTIONAL_PERMISSIONS: dict[str, str] = {
@@ -15,7 +16,7 @@ NEEDED_PERMISSIONS: tuple[str, ...] = tuple(
 )
 
 
-def open_immich(settings: Settings) -> ImmichClient:
+def open_immich(settings: Settings, observer: Observer | None = None) -> ImmichClient:
     """A client for the configured server; SettingsError when URL or key is missing."""
     immich = settings.immich
     if immich.url is None or immich.api_key is None:
@@ -30,4 +31,5 @@ def open_immich(settings: Settings) -> ImmichClient:
         immich.api_key.get_secret_value(),
         timeout_s=immich.timeout_s,
         retry=RetryPolicy(max_retries=immich.max_retries),
+        observer=observer,
     )

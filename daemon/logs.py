@@ -70,5 +70,8 @@ def configure_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
-    # httpx logs every request URL at INFO; keep that out of the daemon's log unless asked.
-    logging.getLogger("httpx").setLevel(max(logging.getLevelName(level), logging.WARNING))
+    # httpx logs every request and APScheduler every job run at INFO: keep that chatter
+    # out of the daemon's log unless DEBUG is asked for.
+    chatty_level = max(logging.getLevelName(level), logging.WARNING)
+    for chatty in ("httpx", "apscheduler"):
+        logging.getLogger(chatty).setLevel(chatty_level)

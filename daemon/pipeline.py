@@ -19,7 +19,13 @@ from daemon import curate, writeback
 from daemon.immich import open_immich
 from daemon.settings import Settings
 from daemon.store import Store
-from daemon.vision import Provenance, VisionModelMissingError, VisionPool, VisionUnavailableError
+from daemon.vision import (
+    Provenance,
+    VisionModelMissingError,
+    VisionObserver,
+    VisionPool,
+    VisionUnavailableError,
+)
 from immich_client import (
     ImmichAuthError,
     ImmichClient,
@@ -30,6 +36,7 @@ from immich_client import (
     ImmichUnreachableError,
     ImmichValidationError,
 )
+from immich_client.transport import Observer
 
 log = logging.getLogger("darkroom.pipeline")
 
@@ -58,25 +65,36 @@ class Context:
     provenance: Provenance | None = None
     stopping: threading.Event = field(default_factory=threading.Event)
 
+    owns_store: bool = True
+
     def close(self) -> None:
-        """Release connections and the database."""
+        """Release connections (and the database, when this context opened it)."""
         if self.vision is not None:
             self.vision.close()
         self.immich.close()
-        self.store.close()
+        if self.owns_store:
+            self.store.close()
 
 
-def open_context(settings: Settings, *, with_vision: bool = True) -> Context:
-    """Open the store and the Immich client, and (if asked) check the vision model.
+def open_context(
+    settings: Settings,
+    *,
+    with_vision: bool = True,
+    store: Store | None = None,
+    immich_observer: Observer | None = None,
+    vision_observer: VisionObserver | None = None,
+) -> Context:
+    """Open the store (unless given) and the Immich client, and check the vision model.
 
     Raises VisionModelMissingError when the model is absent or blind, and
     VisionUnavailableError when Ollama does not answer.
     """
-    store = Store(settings.paths.database)
-    immich = open_immich(settings)
-    ctx = Context(settings, store, immich)
+    owns_store = store is None
+    store = store or Store(settings.paths.database)
+    immich = open_immich(settings, observer=immich_observer)
+    ctx = Context(settings, store, immich, owns_store=owns_store)
     if with_vision:
-        ctx.vision = VisionPool(settings.ollama)
+        ctx.vision = VisionPool(settings.ollama, vision_observer)
         try:
             ctx.provenance = ctx.vision.check()
         except BaseException:

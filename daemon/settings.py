@@ -130,11 +130,50 @@ class DiscoverySettings(_Section):
 
     interval_s: float = Field(default=300.0, gt=0, description="Seconds between polls.")
     safety_margin_s: float = Field(
-        default=600.0, ge=0, description="Look back this far before the last change seen."
+        default=120.0, ge=0, description="Look back this far before the last change seen."
     )
     visibilities: list[Literal["timeline", "archive", "hidden", "locked"]] = Field(
         default_factory=lambda: ["timeline", "archive"], min_length=1
     )
+
+
+class DaemonSettings(_Section):
+    """The long-running service: its rhythm, its health endpoint, how it stops."""
+
+    curate_interval_s: float = Field(
+        default=30.0, gt=0, description="How often pending photos are looked for."
+    )
+    reconcile_interval_h: float = Field(
+        default=24.0, gt=0, description="Full walks of the library to notice hard deletes."
+    )
+    backoff_base_s: float = Field(default=5.0, gt=0, description="First wait when down.")
+    backoff_max_s: float = Field(default=600.0, gt=0, description="Longest wait when down.")
+    stop_timeout_s: float = Field(
+        default=20.0, gt=0, description="On SIGTERM, wait this long for work in flight."
+    )
+    health_host: str = Field(default="127.0.0.1", description="Health endpoint address.")
+    health_port: int = Field(default=8177, ge=0, le=65535, description="0: pick a free port.")
+    health_enabled: bool = True
+
+
+class HookSettings(_Section):
+    """When the daemon starts encoding and training, each in a process of its own."""
+
+    window: str = Field(
+        default="01:00-06:00",
+        pattern=r"^$|^([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d$",
+        description='Local time window "HH:MM-HH:MM" (may wrap midnight); "": any time.',
+    )
+    min_new_samples: int = Field(
+        default=200, ge=0, description="Curated photos since the last run needed to start."
+    )
+    encode_command: list[str] | None = Field(
+        default=None, description="Command that fills the training cache."
+    )
+    train_command: list[str] | None = Field(
+        default=None, description="Command that resumes training."
+    )
+    check_interval_s: float = Field(default=60.0, gt=0)
 
 
 class PathSettings(_Section):
@@ -168,6 +207,8 @@ class Settings(_Section):
     ollama: OllamaSettings = OllamaSettings()
     curation: CurationSettings = CurationSettings()
     discovery: DiscoverySettings = DiscoverySettings()
+    daemon: DaemonSettings = DaemonSettings()
+    hooks: HookSettings = HookSettings()
     paths: PathSettings
 
     @field_validator("log_level", mode="before")

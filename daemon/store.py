@@ -24,6 +24,7 @@ import sqlite_utils
 from sqlite_utils.db import NotFoundError
 
 BUSY_TIMEOUT_MS = 10_000
+CACHE_KIB = 64 * 1024
 
 
 class StoreError(Exception):
@@ -156,6 +157,41 @@ class UpsertCounts:
         return ", ".join(f"{v} {k}" for k, v in asdict(self).items())
 
 
+_UPSERT_ASSET = (
+    "INSERT INTO assets (id, owner_id, type, checksum, immich_updated_at, visibility, "
+    "is_trashed, original_file_name, thumbnail_ready, first_seen_at, last_seen_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+    "type = excluded.type, checksum = excluded.checksum, "
+    "immich_updated_at = excluded.immich_updated_at, visibility = excluded.visibility, "
+    "is_trashed = excluded.is_trashed, is_deleted = 0, "
+    "original_file_name = excluded.original_file_name, "
+    "thumbnail_ready = excluded.thumbnail_ready, last_seen_at = excluded.last_seen_at"
+)
+# (asset, stage, status, attempts to add, error, time, attempts to add)
+_SET_STAGE = (
+    "INSERT INTO stage_status (asset_id, stage, status, attempts, last_error, updated_at) "
+    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (asset_id, stage) DO UPDATE SET "
+    "status = excluded.status, last_error = excluded.last_error, "
+    "attempts = stage_status.attempts + ?, updated_at = excluded.updated_at"
+)
+
+
+# Waiting work: pending in a stage, still in Immich, not in the trash, thumbnail ready.
+_PENDING = (
+    "FROM stage_status s JOIN assets a ON a.id = s.asset_id "
+    "WHERE s.stage = ? AND s.status = 'pending' AND NOT a.is_trashed "
+    "AND NOT a.is_deleted AND a.thumbnail_ready"
+)
+
+
+def _asset_row(asset: SeenAsset, now: str) -> tuple[object, ...]:
+    return (
+        asset.id, asset.owner_id, asset.type, asset.checksum, asset.updated_at,
+        asset.visibility, int(asset.is_trashed), asset.original_file_name,
+        int(asset.thumbnail_ready), now, now,
+    )  # fmt: skip
+
+
 class Store:
     """Open (creating and migrating as needed) the state database at ``path``."""
 
@@ -178,9 +214,14 @@ class Store:
         mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode.lower() != "wal":
             raise StoreError(f"{self.path}: cannot switch to WAL journal mode (got {mode})")
-        # FULL: a write recorded as done must survive a power cut, or it could be redone.
-        self._conn.execute("PRAGMA synchronous = FULL")
+        # NORMAL is durable against a killed process (WAL); a power cut may lose the last
+        # commits, which is safe here: unfinished writes are settled against what Immich
+        # holds, never redone blindly.
+        self._conn.execute("PRAGMA synchronous = NORMAL")
         self._conn.execute("PRAGMA foreign_keys = ON")
+        # SQLite's default 2 MB page cache thrashes once a library passes ~20,000 photos
+        # (random UUID keys touch pages all over the indexes); this keeps them in memory.
+        self._conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
 
     @property
     def schema_version(self) -> int:
@@ -243,51 +284,56 @@ class Store:
         A new image (or one whose checksum changed: the file was replaced) becomes pending
         in the first stage; other types are recorded as skipped with the reason.  Anything
         else only refreshes the row, so darkroom's own writes never cause new work.
+        Statements are batched: a page of 1000 assets costs a handful of round trips.
         """
         if not assets:
             return UpsertCounts()
         now = utc_now()
-        ids = [a.id for a in assets]
         with self.transaction() as conn:
-            marks = ",".join("?" * len(ids))
+            marks = ",".join("?" * len(assets))
             known = dict(
-                conn.execute(f"SELECT id, checksum FROM assets WHERE id IN ({marks})", ids)
+                conn.execute(
+                    f"SELECT id, checksum FROM assets WHERE id IN ({marks})", [a.id for a in assets]
+                )
             )
-            counts = [0, 0, 0, 0]
-            for asset in assets:
-                kind = self._upsert_asset(conn, asset, known.get(asset.id), now)
-                counts[kind] += 1
-        return UpsertCounts(*counts)
-
-    def _upsert_asset(
-        self, conn: sqlite3.Connection, asset: SeenAsset, old_checksum: str | None, now: str
-    ) -> int:
-        """Write one row; return 0 new, 1 replaced, 2 updated, 3 skipped (for the counts)."""
-        values = (
-            asset.id, asset.owner_id, asset.type, asset.checksum, asset.updated_at,
-            asset.visibility, int(asset.is_trashed), asset.original_file_name,
-            int(asset.thumbnail_ready), now, now,
-        )  # fmt: skip
-        conn.execute(
-            "INSERT INTO assets (id, owner_id, type, checksum, immich_updated_at, visibility, "
-            "is_trashed, original_file_name, thumbnail_ready, first_seen_at, last_seen_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
-            "type = excluded.type, checksum = excluded.checksum, "
-            "immich_updated_at = excluded.immich_updated_at, visibility = excluded.visibility, "
-            "is_trashed = excluded.is_trashed, is_deleted = 0, "
-            "original_file_name = excluded.original_file_name, "
-            "thumbnail_ready = excluded.thumbnail_ready, last_seen_at = excluded.last_seen_at",
-            values,
+            conn.executemany(_UPSERT_ASSET, [_asset_row(a, now) for a in assets])
+            changed = [a for a in assets if known.get(a.id) != a.checksum]
+            fresh = [a for a in changed if a.type in CURATED_TYPES]
+            skipped = [a for a in changed if a.type not in CURATED_TYPES]
+            conn.executemany(  # a replaced file starts over in every stage
+                "DELETE FROM stage_status WHERE asset_id = ?",
+                [(a.id,) for a in fresh if a.id in known],
+            )
+            stages = [(a.id, FIRST_STAGE, "pending", 0, None, now, 0) for a in fresh]
+            stages += [
+                (
+                    a.id,
+                    FIRST_STAGE,
+                    "skipped",
+                    0,
+                    f"{a.type.lower()} assets are not curated",
+                    now,
+                    0,
+                )
+                for a in skipped
+            ]
+            conn.executemany(_SET_STAGE, stages)
+        replaced = sum(1 for a in fresh if a.id in known)
+        return UpsertCounts(
+            new=len(fresh) - replaced,
+            replaced=replaced,
+            updated=len(assets) - len(changed),
+            skipped=len(skipped),
         )
-        if old_checksum == asset.checksum:
-            return 2
-        if asset.type not in CURATED_TYPES:
-            reason = f"{asset.type.lower()} assets are not curated"
-            self.set_stage(conn, asset.id, FIRST_STAGE, "skipped", error=reason)
-            return 3
-        conn.execute("DELETE FROM stage_status WHERE asset_id = ?", (asset.id,))
-        self.set_stage(conn, asset.id, FIRST_STAGE, "pending")
-        return 0 if old_checksum is None else 1
+
+    def mark_unseen_deleted(self, seen_since: str) -> int:
+        """After a full sweep: assets not seen since ``seen_since`` are gone from Immich."""
+        with self.transaction() as conn:
+            cursor = conn.execute(
+                "UPDATE assets SET is_deleted = 1 WHERE last_seen_at < ? AND NOT is_deleted",
+                (seen_since,),
+            )
+            return cursor.rowcount
 
     # -- per-asset stage progress -------------------------------------------------------
 
@@ -302,13 +348,8 @@ class Store:
         attempted: bool = False,
     ) -> None:
         """Record ``asset_id``'s status in ``stage`` (inside the caller's transaction)."""
-        conn.execute(
-            "INSERT INTO stage_status (asset_id, stage, status, attempts, last_error, updated_at) "
-            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (asset_id, stage) DO UPDATE SET "
-            "status = excluded.status, last_error = excluded.last_error, "
-            "attempts = stage_status.attempts + ?, updated_at = excluded.updated_at",
-            (asset_id, stage, status, int(attempted), error, utc_now(), int(attempted)),
-        )
+        tries = int(attempted)
+        conn.execute(_SET_STAGE, (asset_id, stage, status, tries, error, utc_now(), tries))
 
     def mark(self, asset_id: str, stage: str, status: str, **kwargs: Any) -> None:
         """``set_stage`` in a transaction of its own."""
@@ -318,12 +359,13 @@ class Store:
     def pending(self, stage: str, limit: int) -> list[str]:
         """Assets waiting in ``stage``, oldest first, skipping trashed and deleted ones."""
         rows = self.read(
-            "SELECT s.asset_id FROM stage_status s JOIN assets a ON a.id = s.asset_id "
-            "WHERE s.stage = ? AND s.status = 'pending' AND NOT a.is_trashed "
-            "AND NOT a.is_deleted AND a.thumbnail_ready ORDER BY s.updated_at LIMIT ?",
-            (stage, limit),
+            f"SELECT s.asset_id {_PENDING} ORDER BY s.updated_at LIMIT ?", (stage, limit)
         )
         return [row[0] for row in rows]
+
+    def pending_count(self, stage: str) -> int:
+        """How many assets wait in ``stage`` (the queue depth)."""
+        return int(self.read(f"SELECT COUNT(*) {_PENDING}", (stage,))[0][0])
 
     def stage_of(self, asset_id: str, stage: str) -> tuple[str, int, str | None] | None:
         """(status, attempts, last error) of one asset in one stage."""
@@ -385,6 +427,11 @@ class Store:
                 (utc_now(), stage, status),
             )
             return cursor.rowcount
+
+    def curated_since(self, moment: str) -> int:
+        """How many curations were made after ``moment`` (a stored timestamp)."""
+        sql = "SELECT COUNT(*) FROM curations WHERE created_at > ?"
+        return int(self.read(sql, (moment,))[0][0])
 
     # -- the ledger of writes to Immich ---------------------------------------------------
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import queue
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +47,16 @@ class AnswerRejectedError(VisionError):
     """The model answered, but the answer failed validation."""
 
 
+# Called after every model call: (host, outcome, seconds).
+VisionObserver = Callable[[str, str, float], None]
+OUTCOMES: dict[type[VisionError], str] = {
+    VisionError: "failed",
+    VisionUnavailableError: "unavailable",
+    VisionModelMissingError: "missing",
+    AnswerRejectedError: "rejected",
+}
+
+
 @dataclass(frozen=True)
 class Provenance:
     """What produced a result: enough to tell results of another model or prompt apart."""
@@ -74,9 +84,12 @@ def call_options(settings: OllamaSettings) -> dict[str, Any]:
 class VisionModel:
     """The configured model on one Ollama host."""
 
-    def __init__(self, settings: OllamaSettings, host: str) -> None:
+    def __init__(
+        self, settings: OllamaSettings, host: str, observer: VisionObserver | None = None
+    ) -> None:
         self.settings = settings
         self.host = host
+        self._observer = observer
         self._options = call_options(settings)
         self._client = ollama.Client(host=host, timeout=settings.timeout_s)
 
@@ -111,6 +124,18 @@ class VisionModel:
 
     def ask(self, prompt: str, image: bytes, schema: dict[str, Any] | None = None) -> str:
         """One chat turn with one image; the answer's text, or a VisionError."""
+        started = time.monotonic()
+        outcome = "ok"
+        try:
+            return self._ask(prompt, image, schema)
+        except VisionError as exc:
+            outcome = OUTCOMES[type(exc)]
+            raise
+        finally:
+            if self._observer is not None:
+                self._observer(self.host, outcome, time.monotonic() - started)
+
+    def _ask(self, prompt: str, image: bytes, schema: dict[str, Any] | None) -> str:
         started = time.monotonic()
         try:
             response = self._client.chat(
@@ -150,8 +175,10 @@ class VisionPool:
     sends the next image; Ollama never holds more than one waiting request per slot.
     """
 
-    def __init__(self, settings: OllamaSettings) -> None:
-        self.models = [VisionModel(settings, str(host).rstrip("/")) for host in settings.hosts]
+    def __init__(self, settings: OllamaSettings, observer: VisionObserver | None = None) -> None:
+        self.models = [
+            VisionModel(settings, str(host).rstrip("/"), observer) for host in settings.hosts
+        ]
         self._free: queue.Queue[VisionModel] = queue.Queue()
         for _ in range(settings.parallel * IN_FLIGHT_PER_SLOT):
             for model in self.models:

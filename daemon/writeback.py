@@ -93,7 +93,7 @@ def holds(ctx: WriteContext, field: str, value: Any) -> bool:
         rotate = {"action": ROTATE_ACTION, "parameters": {"angle": value}}
         return rotate in ctx.edits()
     if field == REVIEW_ALBUM:
-        return False  # adding again is harmless: Immich answers "duplicate"
+        return any(a.id == value for a in ctx.immich.list_albums(containing=ctx.asset_id))
     raise ValueError(f"unknown field {field}")
 
 

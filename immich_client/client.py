@@ -10,6 +10,7 @@ import hashlib
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -30,6 +31,7 @@ from immich_client.models import (
     BulkIdResult,
     MetadataItem,
     SearchPage,
+    SearchResponse,
     ServerVersion,
     Tag,
     TagAssetsResult,
@@ -84,21 +86,27 @@ def _iso(moment: datetime) -> str:
     return utc.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _parse(model: Any, response: httpx.Response, what: str, part: str | None = None) -> Any:
-    """Validate a JSON body (or its top-level key ``part``) into ``model``.
+def _parse(model: Any, response: httpx.Response, what: str) -> Any:
+    """Validate a JSON body into ``model`` (a model class or a TypeAdapter).
 
-    ``model`` is a model class or a TypeAdapter; anything that does not fit becomes an
-    ImmichProtocolError naming the endpoint.
+    Parsed straight from bytes by pydantic-core (no json.loads pass); anything that does
+    not fit becomes an ImmichProtocolError naming the endpoint.
     """
     try:
-        payload = response.json()
-        if part is not None:
-            payload = payload[part]
         if isinstance(model, TypeAdapter):
-            return model.validate_python(payload)
-        return model.model_validate(payload)
-    except (ValueError, KeyError, TypeError) as exc:  # ValidationError is a ValueError
+            return model.validate_json(response.content)
+        return model.model_validate_json(response.content)
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
         raise ImmichProtocolError(f"{what}: unexpected answer from Immich: {exc}") from None
+
+
+def _next_position(page: SearchPage) -> dict[str, Any] | None:
+    """Where the next page starts: v3's cursor when offered, else the page number."""
+    if page.next_cursor:
+        return {"cursor": page.next_cursor}
+    if page.next_page:
+        return {"page": int(page.next_page)}
+    return None
 
 
 class ImmichClient:
@@ -184,19 +192,19 @@ class ImmichClient:
             body["visibility"] = visibility
         if asset_type is not None:
             body["type"] = asset_type
-        position: dict[str, Any] = {"page": 1}
-        while True:
-            response = self._t.request(
-                "POST", "search/metadata", json=body | position, idempotent=True
-            )
-            page = _parse(SearchPage, response, "search/metadata", part="assets")
-            yield page
-            if page.next_cursor:
-                position = {"cursor": page.next_cursor}
-            elif page.next_page:
-                position = {"page": int(page.next_page)}
-            else:
-                return
+        position: dict[str, Any] | None = {"page": 1}
+        # Read ahead: the next page is on its way while the caller works on this one.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="immich-search") as ahead:
+            pending = ahead.submit(self._search_page, body, position)
+            while pending is not None:
+                page = pending.result()
+                position = _next_position(page)
+                pending = ahead.submit(self._search_page, body, position) if position else None
+                yield page
+
+    def _search_page(self, body: dict[str, Any], position: dict[str, Any]) -> SearchPage:
+        response = self._t.request("POST", "search/metadata", json=body | position, idempotent=True)
+        return _parse(SearchResponse, response, "search/metadata").assets
 
     def search_assets(self, **filters: Any) -> Iterator[Asset]:
         """Every asset a metadata search finds (see ``search_pages`` for the filters)."""
@@ -314,9 +322,10 @@ class ImmichClient:
         response = self._t.request("PUT", "tags/assets", json=body)
         return _parse(TagAssetsResult, response, "tags/assets").count
 
-    def list_albums(self) -> list[Album]:
-        """The albums the user owns or has been shared."""
-        return _parse(_ALBUM_LIST, self._t.request("GET", "albums"), "albums")
+    def list_albums(self, *, containing: str | None = None) -> list[Album]:
+        """The albums the user owns or has been shared (only those holding an asset, if given)."""
+        params = {"assetId": containing} if containing else {}
+        return _parse(_ALBUM_LIST, self._t.request("GET", "albums", params=params), "albums")
 
     def create_album(self, name: str, *, description: str = "") -> Album:
         """Create an empty album."""

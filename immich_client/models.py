@@ -125,6 +125,12 @@ class SearchPage(ImmichModel):
     next_cursor: str | None = None
 
 
+class SearchResponse(ImmichModel):
+    """``POST /search/metadata``: darkroom reads only the assets half."""
+
+    assets: SearchPage
+
+
 class AssetEdit(ImmichModel):
     """One edit action; ``parameters`` depends on ``action`` (rotate: ``{"angle": 90}``)."""
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -61,6 +62,16 @@ class RetryPolicy:
         return ceiling / 2 + rng.uniform(0, ceiling / 2)
 
 
+# Called after every HTTP exchange: (method, route template, status or None, seconds).
+Observer = Callable[[str, str, int | None, float], None]
+_ID_SEGMENT = re.compile(r"/[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}(?=/|$)")
+
+
+def route_of(path: str) -> str:
+    """``assets/6f1c…/edits`` → ``/assets/{id}/edits``: ids out, for metrics labels."""
+    return _ID_SEGMENT.sub("/{id}", "/" + path.lstrip("/"))
+
+
 def normalize_base_url(url: str) -> str:
     """``https://host``, ``https://host/`` and ``https://host/api`` all mean the same server."""
     root = url.rstrip("/")
@@ -82,11 +93,13 @@ class Transport:
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
         http_transport: httpx.BaseTransport | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self.base_url = normalize_base_url(base_url)
         self._retry = retry
         self._sleep = sleep
         self._rng = rng or random.Random()
+        self._observer = observer
         self._http = httpx.Client(
             base_url=self.base_url,
             headers={API_KEY_HEADER: api_key, "user-agent": USER_AGENT},
@@ -138,8 +151,11 @@ class Transport:
         self, method: str, path: str, *, stream: bool, what: str, **kwargs: Any
     ) -> httpx.Response:
         request = self._http.build_request(method, path.lstrip("/"), **kwargs)
+        started = time.monotonic()
+        status: int | None = None
         try:
             response = self._http.send(request, stream=stream)
+            status = response.status_code
         except httpx.ConnectTimeout:
             message = f"{what}: timed out connecting to Immich"
             raise ImmichTimeoutError(message, request_sent=False) from None
@@ -152,6 +168,9 @@ class Transport:
         except httpx.TransportError as exc:
             message = f"{what}: connection to Immich failed ({exc})"
             raise ImmichUnreachableError(message, request_sent=True) from None
+        finally:
+            if self._observer is not None:
+                self._observer(method, route_of(path), status, time.monotonic() - started)
         if stream and response.status_code >= httpx.codes.BAD_REQUEST:
             try:
                 response.read()

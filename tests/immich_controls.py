@@ -298,6 +298,22 @@ class _LibraryControls:
         """Delete an asset for good (it simply stops appearing anywhere)."""
         self.library.remove(asset_id)
 
+    def replace_file(self, asset_id: str, image: bytes) -> None:
+        """Replace the asset's file (as Immich's "replace" or a re-import does): a new
+        checksum and new renditions under the same id, and updatedAt moves.
+        """
+        source, checksum, facts = self._source_facts(image, None, None)
+        with self.library.lock:
+            asset = self.library.get(asset_id)
+            asset.source, asset.checksum = source, checksum
+            asset.width, asset.height, asset.orientation = (
+                facts.width,
+                facts.height,
+                facts.orientation,
+            )
+            asset.thumbhash = lib.thumbhash_for(checksum)
+            self.library.touch(asset)
+
     def mark_thumbnail_ready(self, asset_id: str) -> None:
         """Finish thumbnail generation: the thumbhash appears and updatedAt moves."""
         with self.library.lock:

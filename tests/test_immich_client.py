@@ -157,6 +157,9 @@ def test_metadata_tags_albums(client: ImmichClient, immich: ImmichServer) -> Non
     assert album.id in {a.id for a in client.list_albums()}
     first, again = (client.add_to_album(album.id, [asset_id]) for _ in range(2))
     assert first[0].success and not again[0].success and again[0].error == "duplicate"
+    other = immich.add_asset(b"other")
+    assert [a.id for a in client.list_albums(containing=asset_id)] == [album.id]
+    assert client.list_albums(containing=other) == []
 
 
 def test_upload_then_duplicate(client: ImmichClient, real_jpegs: dict[str, bytes]) -> None:
@@ -388,3 +391,26 @@ def test_client_only_calls_listed_endpoints(client: ImmichClient, immich: Immich
 def _template(path: str) -> str:
     parts = path.removeprefix("/api").split("/")
     return "/".join("{id}" if len(p) == 36 and p.count("-") == 4 else p for p in parts)
+
+
+def test_observer_sees_every_exchange(immich: ImmichServer) -> None:
+    seen: list[tuple[str, str, int | None, float]] = []
+    asset_id = immich.add_asset(b"photo")
+    immich.fail("getAssetInfo", 503, times=1)
+    with client_for(immich, observer=lambda *event: seen.append(event)) as client:
+        client.get_asset(asset_id)
+    assert [(m, r, s) for m, r, s, _ in seen] == [
+        ("GET", "/assets/{id}", 503),
+        ("GET", "/assets/{id}", 200),
+    ]
+    assert all(seconds >= 0 for *_, seconds in seen)
+    seen.clear()
+    client = ImmichClient(
+        "http://127.0.0.1:9",
+        "k",
+        retry=RetryPolicy(max_retries=0),
+        observer=lambda *event: seen.append(event),
+    )
+    with client, pytest.raises(ImmichUnreachableError):
+        client.ping()
+    assert [(m, r, s) for m, r, s, _ in seen] == [("GET", "/server/ping", None)]

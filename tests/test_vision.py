@@ -113,3 +113,20 @@ def test_pool_spreads_calls_and_bounds_parallelism() -> None:
         # Every slot was kept busy, and no host was sent more than it would queue.
         assert one.stats.max_in_flight == 2 and two.stats.max_in_flight == 2
         assert one.stats.busy_rejections == 0 and two.stats.busy_rejections == 0
+
+
+def test_observer_counts_outcomes(ollama: OllamaServer) -> None:
+    seen: list[tuple[str, str, float]] = []
+    vision = VisionModel(settings(ollama.url), ollama.url, lambda *event: seen.append(event))
+    vision.ask("Describe.", IMAGE)
+    ollama.inject(Fault.busy())
+    with pytest.raises(VisionUnavailableError):
+        vision.ask("Describe.", IMAGE)
+    ollama.responder = lambda _request: Answer("cut", done_reason="length")
+    with pytest.raises(AnswerRejectedError):
+        vision.ask("Describe.", IMAGE)
+    assert [(host, outcome) for host, outcome, _ in seen] == [
+        (ollama.url, "ok"),
+        (ollama.url, "unavailable"),
+        (ollama.url, "rejected"),
+    ]
