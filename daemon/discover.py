@@ -37,6 +37,7 @@ class DiscoveryReport:
     counts: UpsertCounts
     requests: int
     watermark: datetime | None
+    started_at: datetime | None = None  # Immich's clock at the first answer
 
 
 def seen(asset: Asset) -> SeenAsset:
@@ -69,8 +70,13 @@ def discover(store: Store, immich: ImmichClient, settings: DiscoverySettings) ->
     watermark = datetime.fromisoformat(stored) if stored else None
     since = watermark - timedelta(seconds=settings.safety_margin_s) if watermark else None
     report = _sweep(store, immich, settings, since, watermark)
-    if report.watermark is not None and report.watermark != watermark:
-        store.set_value(WATERMARK_KEY, report.watermark.isoformat())
+    # Everything changed before the poll began was seen by it (give or take the margin
+    # for late commits), so the next poll may start from there even when nothing changed:
+    # after a big import, polls are one request per visibility again.
+    moments = (report.watermark, report.started_at)
+    newest = max((m for m in moments if m is not None), default=None)
+    if newest is not None and newest != watermark:
+        store.set_value(WATERMARK_KEY, newest.isoformat())
     log.info("poll: %s in %d requests", report.counts, report.requests)
     return report
 
@@ -99,6 +105,7 @@ def _sweep(
     """Page through every visibility (trash included) and upsert the owner's assets."""
     owner = owner_id(store, immich)
     requests = 0
+    started_at: datetime | None = None
     batch: list[SeenAsset] = []
     # Writes go to a thread of their own (SQLite works without the GIL), so reading
     # pages and writing rows overlap; at most one batch waits, bounding memory.
@@ -110,6 +117,7 @@ def _sweep(
             )
             for page in pages:
                 requests += 1
+                started_at = started_at or page.served_at
                 batch += [seen(a) for a in page.items if a.owner_id == owner]
                 if len(batch) >= WRITE_BATCH:
                     if written:
@@ -121,4 +129,4 @@ def _sweep(
                     newest = latest
         written.append(writer.submit(store.upsert_assets, batch))
         total = sum((future.result() for future in written), UpsertCounts())
-    return DiscoveryReport(total, requests, newest)
+    return DiscoveryReport(total, requests, newest, started_at)

@@ -9,9 +9,11 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -43,6 +45,7 @@ from immich_client.models import (
 from immich_client.transport import RetryPolicy, Transport
 
 MAX_PAGE_SIZE = 1000
+READ_AHEAD = 2
 DOWNLOAD_CHUNK = 256 * 1024
 DEVICE_ID = "darkroom"
 
@@ -98,6 +101,14 @@ def _parse(model: Any, response: httpx.Response, what: str) -> Any:
         return model.model_validate_json(response.content)
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
         raise ImmichProtocolError(f"{what}: unexpected answer from Immich: {exc}") from None
+
+
+def _date_header(response: httpx.Response) -> datetime | None:
+    """Immich's clock when it answered (the Date header, to the second), if it said."""
+    try:
+        return parsedate_to_datetime(response.headers["date"])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _next_position(page: SearchPage) -> dict[str, Any] | None:
@@ -192,19 +203,30 @@ class ImmichClient:
             body["visibility"] = visibility
         if asset_type is not None:
             body["type"] = asset_type
-        position: dict[str, Any] | None = {"page": 1}
-        # Read ahead: the next page is on its way while the caller works on this one.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="immich-search") as ahead:
-            pending = ahead.submit(self._search_page, body, position)
-            while pending is not None:
-                page = pending.result()
+        # Read ahead, so pages are on their way while the caller works: with page numbers,
+        # READ_AHEAD pages at once (once a second page is known to exist); with v3's
+        # cursor, the next one as soon as its cursor is known.
+        with ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="immich-search") as ahead:
+            queued = deque([ahead.submit(self._search_page, body, {"page": 1})])
+            requested = 1
+            while queued:
+                page = queued.popleft().result()
                 position = _next_position(page)
-                pending = ahead.submit(self._search_page, body, position) if position else None
+                if position is None:
+                    yield page
+                    return
+                if "cursor" in position:
+                    queued.append(ahead.submit(self._search_page, body, position))
+                else:
+                    while len(queued) < READ_AHEAD:
+                        requested += 1
+                        queued.append(ahead.submit(self._search_page, body, {"page": requested}))
                 yield page
 
     def _search_page(self, body: dict[str, Any], position: dict[str, Any]) -> SearchPage:
         response = self._t.request("POST", "search/metadata", json=body | position, idempotent=True)
-        return _parse(SearchResponse, response, "search/metadata").assets
+        page = _parse(SearchResponse, response, "search/metadata").assets
+        return page.model_copy(update={"served_at": _date_header(response)})
 
     def search_assets(self, **filters: Any) -> Iterator[Asset]:
         """Every asset a metadata search finds (see ``search_pages`` for the filters)."""

@@ -123,6 +123,8 @@ class SearchPage(ImmichModel):
     items: list[Asset]
     next_page: str | None = None
     next_cursor: str | None = None
+    # Not from the body: when Immich answered (its Date header), set by the client.
+    served_at: datetime | None = Field(default=None, exclude=True)
 
 
 class SearchResponse(ImmichModel):

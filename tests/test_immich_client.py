@@ -78,8 +78,12 @@ def test_pagination_across_pages_of_1000(client: ImmichClient, immich: ImmichSer
     pages = list(client.search_pages(visibility="timeline"))
     assert [len(p.items) for p in pages] == [1000, 1000, 500]
     assert {a.id for p in pages for a in p.items} == ids
-    assert immich.request_count("searchAssets") == 3
+    # Two pages are read ahead, so one request past the last page is spent: 3 + 1.
+    assert immich.request_count("searchAssets") == 4
     assert pages[-1].next_page is None
+    immich.requests.clear()
+    assert len(list(client.search_pages(visibility="archive"))) == 1
+    assert immich.request_count("searchAssets") == 1  # a single page: nothing read ahead
 
 
 def test_v3_cursor_pagination(make_immich: ImmichFactory) -> None:

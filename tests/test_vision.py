@@ -96,8 +96,8 @@ def test_cut_off_answer_is_rejected(ollama: OllamaServer) -> None:
 
 def test_pool_spreads_calls_and_bounds_parallelism() -> None:
     with (
-        OllamaServer(lambda _r: "ok", num_parallel=2, max_queue=2, latency=0.05) as one,
-        OllamaServer(lambda _r: "ok", num_parallel=2, max_queue=2, latency=0.05) as two,
+        OllamaServer(lambda _r: "ok", num_parallel=2, max_queue=4, latency=0.05) as one,
+        OllamaServer(lambda _r: "ok", num_parallel=2, max_queue=4, latency=0.05) as two,
     ):
         pool = VisionPool(settings(one.url, two.url, parallel=2))
         assert pool.slots == 4
