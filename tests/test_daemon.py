@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from daemon.store import Store
+from tests.curation_harness import settings_env
 from tests.immich_library import make_jpeg
 from tests.immich_server import ImmichServer
 from tests.ollama_server import OllamaServer
@@ -79,25 +80,21 @@ def daemon_env(tmp_path: Path, immich: ImmichServer, ollama: OllamaServer) -> di
     env = {k: v for k, v in os.environ.items() if not k.startswith("DARKROOM_")}
     env.pop("JOURNAL_STREAM", None)
     env.pop("NOTIFY_SOCKET", None)
+    env["PYTHONPATH"] = str(REPO)
     env.update(
-        {
-            "PYTHONPATH": str(REPO),
-            "DARKROOM_PATHS__STATE_DIR": str(tmp_path / "state"),
-            "DARKROOM_PATHS__CACHE_DIR": str(tmp_path / "cache"),
-            "DARKROOM_IMMICH__URL": immich.url,
-            "DARKROOM_IMMICH__API_KEY": immich.api_key,
-            "DARKROOM_IMMICH__MAX_RETRIES": "0",
-            "DARKROOM_OLLAMA__HOSTS": ollama.url,
-            "DARKROOM_OLLAMA__PARALLEL": "2",
-            "DARKROOM_OLLAMA__TIMEOUT_S": "30",
-            "DARKROOM_DISCOVERY__INTERVAL_S": "0.5",
-            "DARKROOM_DISCOVERY__SAFETY_MARGIN_S": "1",
-            "DARKROOM_DAEMON__CURATE_INTERVAL_S": "0.5",
-            "DARKROOM_DAEMON__BACKOFF_BASE_S": "0.2",
-            "DARKROOM_DAEMON__BACKOFF_MAX_S": "1",
-            "DARKROOM_DAEMON__STOP_TIMEOUT_S": "5",
-            "DARKROOM_DAEMON__HEALTH_PORT": "0",
-        }
+        settings_env(
+            tmp_path,
+            immich,
+            ollama,
+            DARKROOM_OLLAMA__TIMEOUT_S="30",
+            DARKROOM_DISCOVERY__INTERVAL_S="0.5",
+            DARKROOM_DISCOVERY__SAFETY_MARGIN_S="1",
+            DARKROOM_DAEMON__CURATE_INTERVAL_S="0.5",
+            DARKROOM_DAEMON__BACKOFF_BASE_S="0.2",
+            DARKROOM_DAEMON__BACKOFF_MAX_S="1",
+            DARKROOM_DAEMON__STOP_TIMEOUT_S="5",
+            DARKROOM_DAEMON__HEALTH_PORT="0",
+        )
     )
     return env
 
