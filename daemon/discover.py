@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from daemon.settings import DiscoverySettings
 from daemon.store import SeenAsset, Store, UpsertCounts, utc_now
 from immich_client import ImmichClient
-from immich_client.models import Asset
+from immich_client.models import AssetSummary
 
 log = logging.getLogger("darkroom.discover")
 
@@ -40,7 +40,7 @@ class DiscoveryReport:
     started_at: datetime | None = None  # Immich's clock at the first answer
 
 
-def seen(asset: Asset) -> SeenAsset:
+def seen(asset: AssetSummary) -> SeenAsset:
     """The part of an Immich asset the store keeps."""
     return SeenAsset(
         id=asset.id,

@@ -18,7 +18,7 @@ from dataclasses import asdict, astuple, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlite_utils
 from sqlite_utils.db import NotFoundError
@@ -126,9 +126,12 @@ FIRST_STAGE = "curate"
 CURATED_TYPES = frozenset({"IMAGE"})
 
 
-@dataclass(frozen=True)
-class SeenAsset:
-    """An asset as discovery saw it in Immich."""
+class SeenAsset(NamedTuple):
+    """An asset as discovery saw it in Immich.
+
+    A NamedTuple, in the column order of ``_UPSERT_ASSETS``: a library sync makes one per
+    asset, and it serialises to a JSON array as it is.
+    """
 
     id: str
     owner_id: str
@@ -193,15 +196,6 @@ _PENDING = (
     "WHERE s.stage = ? AND s.status = 'pending' AND NOT a.is_trashed "
     "AND NOT a.is_deleted AND a.thumbnail_ready"
 )
-
-
-def _asset_rows(assets: list[SeenAsset]) -> list[list[object]]:
-    """The ``assets`` columns of each asset, in ``_UPSERT_ASSETS`` order."""
-    return [
-        [a.id, a.owner_id, a.type, a.checksum, a.updated_at, a.visibility,
-         int(a.is_trashed), a.original_file_name, int(a.thumbnail_ready)]
-        for a in assets
-    ]  # fmt: skip
 
 
 class Store:
@@ -305,7 +299,7 @@ class Store:
         ids = json.dumps([a.id for a in assets])
         with self.transaction() as conn:
             known = dict(conn.execute(_KNOWN_CHECKSUMS, (ids,)))
-            conn.execute(_UPSERT_ASSETS, {"now": now, "rows": json.dumps(_asset_rows(assets))})
+            conn.execute(_UPSERT_ASSETS, {"now": now, "rows": json.dumps(assets)})
             changed = [a for a in assets if known.get(a.id) != a.checksum]
             fresh = [a for a in changed if a.type in CURATED_TYPES]
             skipped = [a for a in changed if a.type not in CURATED_TYPES]

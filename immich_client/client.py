@@ -29,6 +29,7 @@ from immich_client.models import (
     Asset,
     AssetEdit,
     AssetEdits,
+    AssetSummary,
     AssetType,
     BulkIdResult,
     MetadataItem,
@@ -228,7 +229,7 @@ class ImmichClient:
         page = _parse(SearchResponse, response, "search/metadata").assets
         return page.model_copy(update={"served_at": _date_header(response)})
 
-    def search_assets(self, **filters: Any) -> Iterator[Asset]:
+    def search_assets(self, **filters: Any) -> Iterator[AssetSummary]:
         """Every asset a metadata search finds (see ``search_pages`` for the filters)."""
         for page in self.search_pages(**filters):
             yield from page.items

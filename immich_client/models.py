@@ -84,8 +84,12 @@ class Tag(ImmichModel):
     parent_id: str | None = None
 
 
-class Asset(ImmichModel):
-    """An asset as returned by search and ``GET /assets/{id}``."""
+class AssetSummary(ImmichModel):
+    """What a search result needs to say about an asset: identity, state, change marks.
+
+    Search pages hold a thousand of these; fewer fields make paging a large library
+    measurably cheaper.
+    """
 
     id: str
     owner_id: str
@@ -94,9 +98,14 @@ class Asset(ImmichModel):
     updated_at: datetime
     visibility: Visibility
     is_trashed: bool
-    is_edited: bool = False
     thumbhash: str | None
     original_file_name: str
+
+
+class Asset(AssetSummary):
+    """An asset as ``GET /assets/{id}`` returns it, with its EXIF block and tags."""
+
+    is_edited: bool = False
     original_mime_type: str | None = None
     live_photo_video_id: str | None = None
     width: float | None = None
@@ -120,7 +129,7 @@ class SearchPage(ImmichModel):
 
     total: int
     count: int
-    items: list[Asset]
+    items: list[AssetSummary]
     next_page: str | None = None
     next_cursor: str | None = None
     # Not from the body: when Immich answered (its Date header), set by the client.

@@ -13,6 +13,7 @@ from immich_client.models import (
     ApiKeyInfo,
     Asset,
     AssetEdits,
+    AssetSummary,
     BulkIdResult,
     MetadataItem,
     SearchPage,
@@ -27,6 +28,7 @@ from tests.immich_spec import SPEC_MISSING_REASON, SPEC_PATH
 # Which spec schema each model reads.
 MODEL_SCHEMAS: dict[type[BaseModel], str] = {
     Asset: "AssetResponseDto",
+    AssetSummary: "AssetResponseDto",
     SearchPage: "SearchAssetResponseDto",
     ApiKeyInfo: "APIKeyResponseDto",
     User: "UserAdminResponseDto",
