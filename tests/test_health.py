@@ -14,7 +14,6 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,7 @@ IMAGE = SeenAsset(
 
 def seen(asset_id: str, **changes: Any) -> SeenAsset:
     """An image as discovery would record it; ``changes`` override fields."""
-    return replace(IMAGE, id=asset_id, checksum=f"{asset_id}=", **changes)
+    return IMAGE._replace(id=asset_id, checksum=f"{asset_id}=", **changes)
 
 
 def fill(store: Store) -> None:
