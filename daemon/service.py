@@ -43,6 +43,7 @@ from immich_client import (
     ImmichForbiddenError,
     ImmichServerError,
     ImmichUnreachableError,
+    RetryPolicy,
 )
 
 log = logging.getLogger("darkroom.service")
@@ -57,10 +58,14 @@ FATAL = (ImmichAuthError, ImmichForbiddenError, VisionModelMissingError, FatalEr
 
 
 class Backoff:
-    """Exponential backoff with jitter, shared by every job: one outage, one rhythm."""
+    """Exponential backoff with jitter, shared by every job: one outage, one rhythm.
+
+    The delays are the Immich client's own retry policy (``RetryPolicy.delay``), so the
+    daemon and the client back off alike.
+    """
 
     def __init__(self, base_s: float, max_s: float, rng: random.Random | None = None) -> None:
-        self.base_s, self.max_s = base_s, max_s
+        self._policy = RetryPolicy(base_delay_s=base_s, max_delay_s=max_s)
         self.failures = 0
         self.until = 0.0
         self._rng = rng or random.Random()
@@ -73,8 +78,7 @@ class Backoff:
     def failed(self) -> float:
         """Record a failure; return how long to wait."""
         with self._lock:
-            ceiling = min(self.max_s, self.base_s * 2**self.failures)
-            delay = ceiling / 2 + self._rng.uniform(0, ceiling / 2)
+            delay = self._policy.delay(self.failures, self._rng, None)
             self.failures += 1
             self.until = time.monotonic() + delay
             return delay

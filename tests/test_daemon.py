@@ -275,3 +275,15 @@ def test_sigterm_while_busy_stops_within_the_bound(
     with Store(tmp_path / "state" / "darkroom.sqlite3") as store:
         assert store.stage_of(asset_id, "curate")[0] == "pending"  # left for next time
         assert store.curation(asset_id) is None
+
+
+def test_backoff_grows_caps_and_resets() -> None:
+    from daemon.service import Backoff
+
+    backoff = Backoff(base_s=1.0, max_s=8.0, rng=random.Random(7))
+    delays = [backoff.failed() for _ in range(6)]
+    assert backoff.blocked()
+    assert all(d <= 8.0 for d in delays)
+    assert delays[0] <= 1.0 and delays[4] >= 4.0  # doubled, then held at the cap
+    assert backoff.succeeded() is True  # an outage ended
+    assert not backoff.blocked() and backoff.succeeded() is False
