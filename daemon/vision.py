@@ -136,7 +136,6 @@ class VisionModel:
                 self._observer(self.host, outcome, time.monotonic() - started)
 
     def _ask(self, prompt: str, image: bytes, schema: dict[str, Any] | None) -> str:
-        started = time.monotonic()
         try:
             response = self._client.chat(
                 model=self.settings.model,
@@ -156,12 +155,7 @@ class VisionModel:
         except (ConnectionError, httpx.HTTPError) as exc:
             kind = "timed out" if isinstance(exc, httpx.TimeoutException) else "unreachable"
             raise VisionUnavailableError(f"Ollama at {self.host} {kind}: {exc}") from None
-        log.debug(
-            "%s answered in %.2fs (%s tokens)",
-            self.host,
-            time.monotonic() - started,
-            response.eval_count,
-        )
+        log.debug("%s answered with %s tokens", self.host, response.eval_count)
         if response.done_reason == "length":
             raise AnswerRejectedError("answer cut off at the token limit")
         return response.message.content or ""

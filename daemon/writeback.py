@@ -119,13 +119,22 @@ def darkroom_may_write(ctx: WriteContext, field: str) -> bool:
     return False
 
 
+def record_writes(
+    store: Store, asset_id: str, values: dict[str, Any], write: Callable[[], object]
+) -> None:
+    """Make one write to Immich carrying ``values`` (field → value), each recorded before
+    and confirmed after."""
+    write_ids = [store.intend_write(asset_id, field, value) for field, value in values.items()]
+    write()
+    for write_id in write_ids:
+        store.finish_write(write_id, "done")
+
+
 def record_write_for(
     store: Store, asset_id: str, field: str, value: Any, write: Callable[[], object]
 ) -> None:
-    """Make one write to Immich, recorded before and confirmed after."""
-    write_id = store.intend_write(asset_id, field, value)
-    write()
-    store.finish_write(write_id, "done")
+    """``record_writes`` of a single field."""
+    record_writes(store, asset_id, {field: value}, write)
 
 
 def record_write(ctx: WriteContext, field: str, value: Any, write: Callable[[], object]) -> None:
@@ -152,10 +161,9 @@ def write_description_and_rating(
         changes[RATING] = stars
     if not changes:
         return
-    write_ids = [ctx.store.intend_write(ctx.asset_id, f, v) for f, v in changes.items()]
-    ctx.immich.update_asset(ctx.asset_id, **changes)
-    for write_id in write_ids:
-        ctx.store.finish_write(write_id, "done")
+    record_writes(
+        ctx.store, ctx.asset_id, changes, lambda: ctx.immich.update_asset(ctx.asset_id, **changes)
+    )
 
 
 def write_score_tag(ctx: WriteContext, overall: float | None) -> None:
