@@ -1,7 +1,7 @@
 """Discovery at scale: a first full sync of 100,000 assets, and what a quiet poll costs.
 
 The Immich stand-in (in a child process, spec checks off: they are the tests' job) holds
-100,000 assets.  Side by side, twice each, alternating:
+100,000 assets.  Side by side, five times each, alternating:
 
 * a bare loop that only pages through the same search results (httpx, JSON, nothing else);
 * darkroom's first full sync into an empty store (typed models, owner filter, upserts),
@@ -31,7 +31,7 @@ TARGET_RSS_MB = 300
 TARGET_QUIET_REQUESTS = 3
 PAGE_SIZE = 1000
 VISIBILITIES = ("timeline", "archive")
-ROUNDS = 3
+ROUNDS = 5
 # The stand-in stamps changes at least 1 ms apart, so 101,000 assets made in a few seconds
 # carry updatedAt up to ~100 s in the future, about 1,000 per second of stamp. A margin of
 # 0.2 s keeps the re-read window as thin as a real library's quiet window.

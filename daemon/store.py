@@ -117,8 +117,15 @@ _MIGRATION_3 = (
     )""",
 )
 
+_MIGRATION_4 = (
+    # A new image waits for the first stage as a flag on its own row, not a stage_status row:
+    # a first sync of a big library then writes one row per asset instead of three b-trees.
+    "ALTER TABLE assets ADD COLUMN fresh INTEGER NOT NULL DEFAULT 0",
+    "CREATE INDEX assets_fresh ON assets (first_seen_at) WHERE fresh",
+)
+
 # Append only: a released migration is never edited, a new one is added at the end.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_MIGRATION_1, _MIGRATION_2, _MIGRATION_3)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_MIGRATION_1, _MIGRATION_2, _MIGRATION_3, _MIGRATION_4)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -162,19 +169,23 @@ class UpsertCounts:
 
 # Batched statements: ``rows`` is a JSON array of arrays, unpacked by json_each in SQLite.
 _KNOWN_CHECKSUMS = "SELECT id, checksum FROM assets WHERE id IN (SELECT value FROM json_each(?))"
+_CURATED_SQL = ", ".join(f"'{kind}'" for kind in sorted(CURATED_TYPES))
 _UPSERT_ASSETS = (
     "INSERT INTO assets (id, owner_id, type, checksum, immich_updated_at, visibility, "
-    "is_trashed, original_file_name, thumbnail_ready, first_seen_at, last_seen_at) "
+    "is_trashed, original_file_name, thumbnail_ready, first_seen_at, last_seen_at, fresh) "
     "SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6, "
-    "value->>7, value->>8, :now, :now FROM json_each(:rows) WHERE true "
+    f"value->>7, value->>8, :now, :now, value->>2 IN ({_CURATED_SQL}) "
+    "FROM json_each(:rows) WHERE true "
     "ON CONFLICT (id) DO UPDATE SET "
     "type = excluded.type, checksum = excluded.checksum, "
     "immich_updated_at = excluded.immich_updated_at, visibility = excluded.visibility, "
     "is_trashed = excluded.is_trashed, is_deleted = 0, "
     "original_file_name = excluded.original_file_name, "
-    "thumbnail_ready = excluded.thumbnail_ready, last_seen_at = excluded.last_seen_at"
+    "thumbnail_ready = excluded.thumbnail_ready, last_seen_at = excluded.last_seen_at, "
+    "fresh = assets.fresh AND excluded.fresh"
 )
 _FORGET_STAGES = "DELETE FROM stage_status WHERE asset_id IN (SELECT value FROM json_each(?))"
+_MAKE_FRESH = "UPDATE assets SET fresh = 1 WHERE id IN (SELECT value FROM json_each(?))"
 _SET_STAGES = (
     "INSERT INTO stage_status (asset_id, stage, status, attempts, last_error, updated_at) "
     "SELECT value->>0, :stage, value->>1, 0, value->>2, :now FROM json_each(:rows) WHERE true "
@@ -191,11 +202,13 @@ _SET_STAGE = (
 
 
 # Waiting work: pending in a stage, still in Immich, not in the trash, thumbnail ready.
+_AVAILABLE = "NOT a.is_trashed AND NOT a.is_deleted AND a.thumbnail_ready"
 _PENDING = (
     "FROM stage_status s JOIN assets a ON a.id = s.asset_id "
-    "WHERE s.stage = ? AND s.status = 'pending' AND NOT a.is_trashed "
-    "AND NOT a.is_deleted AND a.thumbnail_ready"
+    f"WHERE s.stage = ? AND s.status = 'pending' AND {_AVAILABLE}"
 )
+# New images never handled yet: pending in the first stage without a stage_status row.
+_FRESH = f"FROM assets a WHERE a.fresh AND {_AVAILABLE}"
 
 
 class Store:
@@ -303,19 +316,20 @@ class Store:
             changed = [a for a in assets if known.get(a.id) != a.checksum]
             fresh = [a for a in changed if a.type in CURATED_TYPES]
             skipped = [a for a in changed if a.type not in CURATED_TYPES]
-            replaced = [a.id for a in fresh if a.id in known]
-            if replaced:  # a replaced file starts over in every stage
-                conn.execute(_FORGET_STAGES, (json.dumps(replaced),))
-            stages = [[a.id, "pending", None] for a in fresh]
-            stages += [
+            replaced = json.dumps([a.id for a in changed if a.id in known])
+            # A replaced file starts over in every stage; new images wait as ``fresh``.
+            conn.execute(_FORGET_STAGES, (replaced,))
+            conn.execute(_MAKE_FRESH, (json.dumps([a.id for a in fresh if a.id in known]),))
+            stages = [
                 [a.id, "skipped", f"{a.type.lower()} assets are not curated"] for a in skipped
             ]
             if stages:
                 rows = {"stage": FIRST_STAGE, "now": now, "rows": json.dumps(stages)}
                 conn.execute(_SET_STAGES, rows)
+        replaced_images = sum(1 for a in fresh if a.id in known)
         return UpsertCounts(
-            new=len(fresh) - len(replaced),
-            replaced=len(replaced),
+            new=len(fresh) - replaced_images,
+            replaced=replaced_images,
             updated=len(assets) - len(changed),
             skipped=len(skipped),
         )
@@ -344,6 +358,8 @@ class Store:
         """Record ``asset_id``'s status in ``stage`` (inside the caller's transaction)."""
         tries = int(attempted)
         conn.execute(_SET_STAGE, (asset_id, stage, status, tries, error, utc_now(), tries))
+        if stage == FIRST_STAGE:  # its stage_status row now says where it is
+            conn.execute("UPDATE assets SET fresh = 0 WHERE id = ? AND fresh", (asset_id,))
 
     def mark(self, asset_id: str, stage: str, status: str, **kwargs: Any) -> None:
         """``set_stage`` in a transaction of its own."""
@@ -351,15 +367,25 @@ class Store:
             self.set_stage(conn, asset_id, stage, status, **kwargs)
 
     def pending(self, stage: str, limit: int) -> list[str]:
-        """Assets waiting in ``stage``, oldest first, skipping trashed and deleted ones."""
+        """Assets waiting in ``stage``, skipping trashed and deleted ones.
+
+        Work sent back (retries, requeues) comes first, oldest first; then new images in
+        the order they were first seen.
+        """
         rows = self.read(
             f"SELECT s.asset_id {_PENDING} ORDER BY s.updated_at LIMIT ?", (stage, limit)
         )
+        if stage == FIRST_STAGE and len(rows) < limit:
+            sql = f"SELECT a.id {_FRESH} ORDER BY a.first_seen_at LIMIT ?"
+            rows += self.read(sql, (limit - len(rows),))
         return [row[0] for row in rows]
 
     def pending_count(self, stage: str) -> int:
         """How many assets wait in ``stage`` (the queue depth)."""
-        return int(self.read(f"SELECT COUNT(*) {_PENDING}", (stage,))[0][0])
+        count = int(self.read(f"SELECT COUNT(*) {_PENDING}", (stage,))[0][0])
+        if stage == FIRST_STAGE:
+            count += int(self.read(f"SELECT COUNT(*) {_FRESH}")[0][0])
+        return count
 
     def stage_of(self, asset_id: str, stage: str) -> tuple[str, int, str | None] | None:
         """(status, attempts, last error) of one asset in one stage."""
@@ -368,6 +394,10 @@ class Store:
             "WHERE asset_id = ? AND stage = ?",
             (asset_id, stage),
         )
+        if not rows and stage == FIRST_STAGE:
+            rows = self.read(
+                "SELECT 'pending', 0, NULL FROM assets WHERE id = ? AND fresh", (asset_id,)
+            )
         return rows[0] if rows else None
 
     # -- curation results -----------------------------------------------------------------
@@ -531,6 +561,10 @@ class Store:
         )
         for stage, status, count in rows:
             counts.setdefault(stage, {})[status] = count
+        fresh = int(self.read("SELECT COUNT(*) FROM assets WHERE fresh")[0][0])
+        if fresh:
+            first = counts.setdefault(FIRST_STAGE, {})
+            first["pending"] = first.get("pending", 0) + fresh
         return counts
 
     def asset_counts(self) -> dict[str, int]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.store import SCHEMA_VERSION, SchemaTooNewError, Store
+from daemon.store import FIRST_STAGE, SCHEMA_VERSION, SchemaTooNewError, SeenAsset, Store
 
 ASSET = {
     "id": "3f1b7c9e-2d4a-4b8e-9c1d-0a2b3c4d5e6f",
@@ -89,6 +89,35 @@ def test_stage_counts(tmp_path: Path) -> None:
                     (f"a{index}", status),
                 )
         assert store.stage_counts() == {"curate": {"done": 2, "quarantined": 1}}
+
+
+def seen(asset_id: str, checksum: str = "c1", kind: str = "IMAGE") -> SeenAsset:
+    return SeenAsset(asset_id, "owner", kind, checksum, "2026-11-01T00:00:00Z", "timeline",
+                     False, f"{asset_id}.jpg", True)  # fmt: skip
+
+
+def test_new_images_wait_in_the_first_stage_until_handled(tmp_path: Path) -> None:
+    with Store(tmp_path / "db.sqlite3") as store:
+        counts = store.upsert_assets([seen("a"), seen("b"), seen("v", kind="VIDEO")])
+        assert (counts.new, counts.skipped) == (2, 1)
+        assert store.pending(FIRST_STAGE, 10) == ["a", "b"]
+        assert store.pending_count(FIRST_STAGE) == 2
+        assert store.stage_of("a", FIRST_STAGE) == ("pending", 0, None)
+        assert store.stage_counts()[FIRST_STAGE] == {"pending": 2, "skipped": 1}
+
+        store.mark("a", FIRST_STAGE, "failed", error="boom", attempted=True)
+        store.mark("b", FIRST_STAGE, "done", attempted=True)
+        assert store.pending(FIRST_STAGE, 10) == []
+        assert store.stage_of("a", FIRST_STAGE) == ("failed", 1, "boom")
+        # Seen again unchanged: no new work; replaced: pending again, stages forgotten.
+        assert store.upsert_assets([seen("a"), seen("b")]).updated == 2
+        assert store.pending(FIRST_STAGE, 10) == []
+        assert store.upsert_assets([seen("b", checksum="c2")]).replaced == 1
+        assert store.stage_of("b", FIRST_STAGE) == ("pending", 0, None)
+        # Retried work comes before new images.
+        store.mark("a", FIRST_STAGE, "pending")
+        assert store.pending(FIRST_STAGE, 10) == ["a", "b"]
+        assert store.pending(FIRST_STAGE, 1) == ["a"]
 
 
 KILLED_WRITER = textwrap.dedent(
