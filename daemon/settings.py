@@ -176,6 +176,58 @@ class HookSettings(_Section):
     check_interval_s: float = Field(default=60.0, gt=0)
 
 
+DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d+)?|xpu(:\d+)?)$"
+
+
+class CacheSettings(_Section):
+    """Which photos become training samples, and how ``darkroom encode`` encodes them."""
+
+    model: str = Field(
+        default="PixArt-alpha/PixArt-Sigma-XL-2-1024-MS",
+        min_length=1,
+        description="Base model: a local folder or a Hugging Face id (diffusers layout).",
+    )
+    min_rating: int = Field(
+        default=3, ge=1, le=5, description="Stars a photo needs; a person's rating outranks ours."
+    )
+    thin_duplicates: bool = Field(
+        default=False, description="Keep only the best photo of each Immich duplicate group."
+    )
+    prefer_original: bool = Field(
+        default=True, description="Encode the original when Pillow reads it; else the preview."
+    )
+    max_original_mb: float = Field(default=200.0, gt=0, description="Larger originals: preview.")
+    max_upscale: float = Field(
+        default=1.0, ge=1.0, le=4.0, description="How far a photo may be enlarged to fill a bucket."
+    )
+    max_aspect: float = Field(
+        default=2.75, ge=1.0, description="Long side / short side beyond which a photo is skipped."
+    )
+    heic: bool = Field(
+        default=True, description="Read HEIC originals when pillow-heif is installed."
+    )
+    vae_device: str = Field(
+        default="auto", pattern=DEVICE_PATTERN, description="auto: the training device."
+    )
+    vae_precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    vae_batch_size: int = Field(default=4, ge=1, le=64)
+    text_device: str = Field(
+        default="cpu",
+        pattern=DEVICE_PATTERN,
+        description="auto: a GPU when present and no training is running, else the CPU.",
+    )
+    text_precision: Literal["bf16", "fp16", "fp32", "8bit"] = Field(
+        default="bf16", description="8bit needs bitsandbytes and a CUDA GPU."
+    )
+    text_offload: bool = Field(default=False, description="On a GPU: spill layers to the CPU.")
+    text_batch_size: int = Field(default=8, ge=1, le=256)
+    max_caption_tokens: int = Field(default=300, ge=1, le=512)
+    latent_dtype: Literal["fp16", "bf16"] = "fp16"
+    commit_every: int = Field(
+        default=64, ge=1, description="Samples per append; a crash loses at most this many."
+    )
+
+
 class PathSettings(_Section):
     """Where darkroom keeps its state, its training cache and its checkpoints."""
 
@@ -209,6 +261,7 @@ class Settings(_Section):
     discovery: DiscoverySettings = DiscoverySettings()
     daemon: DaemonSettings = DaemonSettings()
     hooks: HookSettings = HookSettings()
+    cache: CacheSettings = CacheSettings()
     paths: PathSettings
 
     @field_validator("log_level", mode="before")

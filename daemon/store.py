@@ -123,9 +123,33 @@ _MIGRATION_4 = (
     "ALTER TABLE assets ADD COLUMN fresh INTEGER NOT NULL DEFAULT 0",
     "CREATE INDEX assets_fresh ON assets (first_seen_at) WHERE fresh",
 )
+_MIGRATION_5 = (
+    # What examining a curated photo for training decided (``daemon/training_set.py``).
+    """CREATE TABLE training (
+        asset_id TEXT PRIMARY KEY REFERENCES assets(id) ON DELETE CASCADE,
+        checked_updated_at TEXT NOT NULL,
+        checksum TEXT NOT NULL,
+        caption TEXT,
+        rating INTEGER,
+        rated_by TEXT,
+        duplicate_id TEXT,
+        pixels TEXT NOT NULL,
+        rotation INTEGER NOT NULL,
+        eligible INTEGER NOT NULL,
+        reason TEXT,
+        checked_at TEXT NOT NULL
+    )""",
+    "CREATE INDEX training_eligible ON training (eligible, duplicate_id)",
+)
 
 # Append only: a released migration is never edited, a new one is added at the end.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_MIGRATION_1, _MIGRATION_2, _MIGRATION_3, _MIGRATION_4)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    _MIGRATION_1,
+    _MIGRATION_2,
+    _MIGRATION_3,
+    _MIGRATION_4,
+    _MIGRATION_5,
+)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

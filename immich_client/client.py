@@ -286,14 +286,24 @@ class ImmichClient:
     # -- downloads -----------------------------------------------------------------------
 
     def thumbnail_bytes(
-        self, asset_id: str, *, max_bytes: int, size: ThumbnailSize = "preview"
+        self,
+        asset_id: str,
+        *,
+        max_bytes: int,
+        size: ThumbnailSize = "preview",
+        edited: bool = False,
     ) -> bytes:
-        """A rendition JPEG (preview: 1440 px short side, EXIF orientation applied)."""
-        return self._download(f"assets/{asset_id}/thumbnail", {"size": size}, max_bytes)
+        """A rendition JPEG (preview: 1440 px short side, EXIF orientation applied).
 
-    def original_bytes(self, asset_id: str, *, max_bytes: int) -> bytes:
-        """The original file as uploaded."""
-        return self._download(f"assets/{asset_id}/original", {}, max_bytes)
+        ``edited``: with the asset's edits (crop, rotation, mirror) applied.
+        """
+        params = {"size": size} | ({"edited": "true"} if edited else {})
+        return self._download(f"assets/{asset_id}/thumbnail", params, max_bytes)
+
+    def original_bytes(self, asset_id: str, *, max_bytes: int, edited: bool = False) -> bytes:
+        """The original file as uploaded (``edited``: a full-size JPEG with edits applied)."""
+        params = {"edited": "true"} if edited else {}
+        return self._download(f"assets/{asset_id}/original", params, max_bytes)
 
     def save_original(self, asset_id: str, dest: Path, *, max_bytes: int) -> int:
         """Stream the original into ``dest`` (written whole or not at all); return its size."""

@@ -108,6 +108,7 @@ class Asset(AssetSummary):
     is_edited: bool = False
     original_mime_type: str | None = None
     live_photo_video_id: str | None = None
+    duplicate_id: str | None = None
     width: float | None = None
     height: float | None = None
     exif_info: ExifInfo | None = None

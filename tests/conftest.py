@@ -57,3 +57,6 @@ def real_jpegs() -> dict[str, bytes]:
 
 # Curation fixtures (the Ollama stand-in with a looking critic, a darkroom Context).
 from tests.curation_harness import critic, make_ctx, ollama  # noqa: E402, F401
+
+# A tiny PixArt-Sigma folder (VAE, T5, tokenizer, transformer), built once per session.
+from tests.tiny_models import tiny_pixart  # noqa: E402, F401

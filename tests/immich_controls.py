@@ -314,6 +314,18 @@ class _LibraryControls:
             asset.thumbhash = lib.thumbhash_for(checksum)
             self.library.touch(asset)
 
+    def group_duplicates(self, asset_ids: list[str]) -> str:
+        """Put assets in one duplicate group, as Immich's duplicate detection does for a
+        burst; returns the group id.
+        """
+        group = lib.new_id()
+        with self.library.lock:
+            for asset_id in asset_ids:
+                asset = self.library.get(asset_id)
+                asset.duplicate_id = group
+                self.library.touch(asset)
+        return group
+
     def mark_thumbnail_ready(self, asset_id: str) -> None:
         """Finish thumbnail generation: the thumbhash appears and updatedAt moves."""
         with self.library.lock:

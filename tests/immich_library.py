@@ -159,6 +159,7 @@ class Asset:
     device_asset_id: str = ""
     device_id: str = "darkroom-tests"
     edits: list[AssetEdit] = field(default_factory=list)
+    duplicate_id: str | None = None  # Immich's duplicate (burst) group
     tag_ids: dict[str, None] = field(default_factory=dict)
     metadata: dict[str, MetadataEntry] = field(default_factory=dict)
 

@@ -139,7 +139,7 @@ def asset_dto(
         "hasMetadata": True,
         "checksum": asset.checksum,
         "livePhotoVideoId": asset.live_photo_video_id,
-        "duplicateId": None,
+        "duplicateId": asset.duplicate_id,
         "libraryId": None,
         "width": width,
         "height": height,

@@ -28,8 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 SYSTEMD_DIR = REPO / "systemd"
 DAEMON_UNIT = "darkroom.service"
 TRAIN_UNIT = "darkroom-train.service"
+ENCODE_UNIT = "darkroom-encode.service"
 TIMER_UNIT = "darkroom-train.timer"
-UNITS = (DAEMON_UNIT, TRAIN_UNIT, TIMER_UNIT)
+UNITS = (DAEMON_UNIT, TRAIN_UNIT, ENCODE_UNIT, TIMER_UNIT)
 EXAMPLE_CONFIG = Path("systemd/darkroom.toml")
 INSTALLED_EXECUTABLE = "/opt/darkroom/bin/darkroom"
 EXIT_CONFIG = "78"
@@ -193,7 +194,12 @@ def exposure(analyze: str, unit: Path) -> float:
 
 
 @pytest.mark.parametrize(
-    ("unit", "limit"), [(DAEMON_UNIT, DAEMON_MAX_EXPOSURE), (TRAIN_UNIT, TRAIN_MAX_EXPOSURE)]
+    ("unit", "limit"),
+    [
+        (DAEMON_UNIT, DAEMON_MAX_EXPOSURE),
+        (TRAIN_UNIT, TRAIN_MAX_EXPOSURE),
+        (ENCODE_UNIT, TRAIN_MAX_EXPOSURE),
+    ],
 )
 def test_units_are_hardened(analyze: str, unit: str, limit: float) -> None:
     score = exposure(analyze, SYSTEMD_DIR / unit)
