@@ -196,7 +196,9 @@ class Service:
         open_immich(self.settings).close()  # SettingsError now, not in every job later
         self.store = Store(self.settings.paths.database)
         self.metrics = Metrics(self.store)
-        self.hooks = Hooks(self.settings.hooks, self.store)
+        self.hooks = Hooks(
+            self.settings.hooks, self.store, checkpoint_dir=self.settings.paths.checkpoint_dir
+        )
         self.health = None
         daemon = self.settings.daemon
         if daemon.health_enabled:

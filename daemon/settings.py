@@ -174,6 +174,20 @@ class HookSettings(_Section):
         default=None, description="Command that resumes training."
     )
     check_interval_s: float = Field(default=60.0, gt=0)
+    train_stop_command: list[str] = Field(
+        default_factory=list,
+        description="Run at the window's end to stop training; []: SIGTERM to train_command.",
+    )
+    train_stop_timeout_s: float = Field(
+        default=300.0, gt=0, description="After the stop, wait this long for the checkpoint."
+    )
+    restart_backoff_s: float = Field(
+        default=60.0, gt=0, description="First wait before restarting a crashed trainer."
+    )
+    restart_backoff_max_s: float = Field(
+        default=3600.0, gt=0, description="The wait doubles after each crash, up to this."
+    )
+    max_restarts: int = Field(default=5, ge=0, le=100, description="Crash restarts per run.")
 
 
 DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d+)?|xpu(:\d+)?)$"
@@ -228,6 +242,30 @@ class CacheSettings(_Section):
     )
 
 
+class TrainSettings(_Section):
+    """How ``darkroom train`` trains; the memory preset bundles precision, optimizer, batch."""
+
+    preset: Literal["12gb", "24gb", "cpu-test"] = Field(
+        default="12gb", description="Memory preset (README, Training)."
+    )
+    device: str = Field(default="auto", pattern=DEVICE_PATTERN, description="auto: cuda, xpu…")
+    seed: int = Field(default=0, ge=0, description="Seeds noise, timesteps, dropout, rounding.")
+    learning_rate: float | None = Field(default=None, gt=0, description="None: the preset's.")
+    checkpoint_every: int = Field(default=500, ge=1, description="Optimizer steps per checkpoint.")
+    keep_last: int = Field(default=3, ge=1, description="Newest checkpoints kept.")
+    milestone_every: int = Field(default=5000, ge=0, description="Kept forever; 0: none.")
+    min_snr_gamma: float | None = Field(default=None, gt=0, description="Min-SNR weighting.")
+    ema_decay: float | None = Field(default=None, gt=0, lt=1, description="EMA of the weights.")
+    log_every: int = Field(default=10, ge=1, description="Optimizer steps per log line.")
+    tensorboard: bool = Field(default=False, description="TensorBoard event files too.")
+    device_watts: float | None = Field(
+        default=None, gt=0, description="Power draw for the energy estimate; None: read it."
+    )
+    energy_price_per_kwh: float | None = Field(
+        default=None, gt=0, description="Electricity price, for the cost estimate."
+    )
+
+
 class PathSettings(_Section):
     """Where darkroom keeps its state, its training cache and its checkpoints."""
 
@@ -262,6 +300,7 @@ class Settings(_Section):
     daemon: DaemonSettings = DaemonSettings()
     hooks: HookSettings = HookSettings()
     cache: CacheSettings = CacheSettings()
+    train: TrainSettings = TrainSettings()
     paths: PathSettings
 
     @field_validator("log_level", mode="before")

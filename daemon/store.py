@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, astuple, dataclass
 from datetime import UTC, datetime
@@ -141,6 +141,30 @@ _MIGRATION_5 = (
     )""",
     "CREATE INDEX training_eligible ON training (eligible, duplicate_id)",
 )
+_MIGRATION_6 = (
+    # The encode/train processes the daemon started (``daemon/hooks.py``) and the trainer's
+    # checkpoints it found on disk, for ``darkroom status``.  ``ended_at`` NULL: running.
+    """CREATE TABLE training_runs (
+        id INTEGER PRIMARY KEY,
+        step_name TEXT NOT NULL,
+        command TEXT NOT NULL,
+        started_at TEXT NOT NULL,
+        ended_at TEXT,
+        exit_code INTEGER,
+        outcome TEXT,
+        first_step INTEGER,
+        last_step INTEGER
+    )""",
+    "CREATE INDEX training_runs_by_start ON training_runs (started_at)",
+    """CREATE TABLE checkpoints (
+        step INTEGER PRIMARY KEY,
+        path TEXT NOT NULL,
+        milestone INTEGER NOT NULL,
+        cache_generation INTEGER,
+        created_at TEXT,
+        seen_at TEXT NOT NULL
+    )""",
+)
 
 # Append only: a released migration is never edited, a new one is added at the end.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -149,6 +173,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     _MIGRATION_3,
     _MIGRATION_4,
     _MIGRATION_5,
+    _MIGRATION_6,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -235,6 +260,42 @@ _PENDING = (
 _FRESH = f"FROM assets a WHERE a.fresh AND {_AVAILABLE}"
 
 
+# -- training runs and checkpoints (migration 6) -------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """One encode or train process the daemon started; ``ended_at`` None while it runs."""
+
+    id: int
+    step_name: str
+    command: list[str]
+    started_at: str
+    ended_at: str | None
+    exit_code: int | None
+    outcome: str | None
+    first_step: int | None
+    last_step: int | None
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """A checkpoint folder's manifest as the daemon found it; ``seen_at`` is set on upsert."""
+
+    step: int
+    path: str
+    milestone: bool
+    cache_generation: int | None
+    created_at: str | None
+    seen_at: str | None = None
+
+
+_RUN_COLUMNS = (
+    "id, step_name, command, started_at, ended_at, exit_code, outcome, first_step, last_step"
+)
+_CHECKPOINT_COLUMNS = "step, path, milestone, cache_generation, created_at, seen_at"
+
+
 class Store:
     """Open (creating and migrating as needed) the state database at ``path``."""
 
@@ -281,6 +342,8 @@ class Store:
             )
         for version in range(current + 1, target + 1):
             with self.transaction() as conn:
+                if self.schema_version >= version:  # another process migrated meanwhile
+                    continue
                 for statement in MIGRATIONS[version - 1]:
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {version}")
@@ -613,6 +676,72 @@ class Store:
     def open_reviews(self) -> int:
         """How many decisions wait for a person."""
         return int(self.read("SELECT COUNT(*) FROM review_queue WHERE status = 'open'")[0][0])
+
+    # -- training runs and checkpoints (migration 6; daemon/hooks.py writes, status reads) -
+
+    def start_training_run(self, step_name: str, command: Sequence[str]) -> int:
+        """Record that a hook process is being started; return the run's id."""
+        with self.transaction() as conn:
+            cursor = conn.execute(
+                "INSERT INTO training_runs (step_name, command, started_at) VALUES (?, ?, ?)",
+                (step_name, json.dumps(list(command)), utc_now()),
+            )
+            return int(cursor.lastrowid or 0)
+
+    def end_training_run(
+        self,
+        run_id: int,
+        outcome: str,
+        exit_code: int | None,
+        first_step: int | None = None,
+        last_step: int | None = None,
+    ) -> None:
+        """Record how a run ended (and which training steps it went through, when known)."""
+        with self.transaction() as conn:
+            conn.execute(
+                "UPDATE training_runs SET ended_at = ?, outcome = ?, exit_code = ?, "
+                "first_step = ?, last_step = ? WHERE id = ?",
+                (utc_now(), outcome, exit_code, first_step, last_step, run_id),
+            )
+
+    def end_unfinished_training_runs(self, outcome: str) -> int:
+        """Close the runs a daemon that died left open; return how many there were."""
+        with self.transaction() as conn:
+            cursor = conn.execute(
+                "UPDATE training_runs SET ended_at = ?, outcome = ? WHERE ended_at IS NULL",
+                (utc_now(), outcome),
+            )
+            return cursor.rowcount
+
+    def training_runs(self, limit: int) -> list[TrainingRun]:
+        """The newest runs first."""
+        rows = self.read(
+            f"SELECT {_RUN_COLUMNS} FROM training_runs ORDER BY id DESC LIMIT ?", (limit,)
+        )
+        return [TrainingRun(r[0], r[1], json.loads(r[2]), *r[3:]) for r in rows]
+
+    def upsert_checkpoints(self, checkpoints: Sequence[CheckpointRecord]) -> None:
+        """Record checkpoints found on disk, replacing what was known of the same steps."""
+        now = utc_now()
+        rows = [
+            (c.step, c.path, int(c.milestone), c.cache_generation, c.created_at, now)
+            for c in checkpoints
+        ]
+        with self.transaction() as conn:
+            conn.executemany(
+                f"INSERT INTO checkpoints ({_CHECKPOINT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (step) DO UPDATE SET path = excluded.path, "
+                "milestone = excluded.milestone, cache_generation = excluded.cache_generation, "
+                "created_at = excluded.created_at, seen_at = excluded.seen_at",
+                rows,
+            )
+
+    def newest_checkpoints(self, limit: int) -> list[CheckpointRecord]:
+        """The checkpoints of the highest steps first."""
+        rows = self.read(
+            f"SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints ORDER BY step DESC LIMIT ?", (limit,)
+        )
+        return [CheckpointRecord(r[0], r[1], bool(r[2]), *r[3:]) for r in rows]
 
     # -- lifecycle ------------------------------------------------------------------------
 

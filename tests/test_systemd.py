@@ -52,6 +52,11 @@ EXAMPLE_NOT_DEFAULT = {
     ("immich", "api_key"),
     ("hooks", "encode_command"),
     ("hooks", "train_command"),
+    ("train", "learning_rate"),
+    ("train", "min_snr_gamma"),
+    ("train", "ema_decay"),
+    ("train", "device_watts"),
+    ("train", "energy_price_per_kwh"),
 }
 
 
