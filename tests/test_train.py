@@ -221,3 +221,20 @@ def test_out_of_memory_retries_in_halves_then_stops(
     with pytest.raises(TrainingStopped, match="out of device memory"):
         trainer.train_step()
     trainer.close()
+
+
+def test_tensorboard_writes_event_files_or_says_what_is_missing(
+    tiny_pixart: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    config = tiny_config(tiny_pixart, cache_dir, tmp_path / "out", tensorboard=True)
+    trainer = Trainer(config)
+    try:
+        import tensorboard  # noqa: F401
+    except ModuleNotFoundError:
+        with pytest.raises(ValueError, match=r"immich-darkroom\[tensorboard\]"):
+            trainer.run(RunLimits(max_steps=1))
+    else:
+        trainer.run(RunLimits(max_steps=1))
+        assert list((tmp_path / "out" / "tensorboard").glob("events.out.tfevents.*"))
+    finally:
+        trainer.close()

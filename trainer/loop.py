@@ -42,7 +42,8 @@ from trainer.checkpoints import (
 )
 from trainer.config import TrainConfig, step_generator
 from trainer.dataset import Batch, BucketBatchSampler, CacheDataset, collate
-from trainer.devices import dtype_named, pick_device
+from trainer.devices import check_dtype_supported, dtype_named, pick_device
+from trainer.distributed import World
 from trainer.limits import RunLimits
 from trainer.model import load_transformer, predict
 from trainer.objective import (
@@ -98,7 +99,9 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, *, before_forward: Fault | None = None) -> None:
         self.config = config
-        self.device = pick_device(config.device)
+        self.world = World.from_env()
+        self.device = self.world.device_for(pick_device(config.device))
+        self.world.join(self.device)
         self.cache = Cache.open(config.cache_dir)
         empty_key = self.cache.get_meta(EMPTY_TEXT_META)
         if empty_key is None:
@@ -108,13 +111,17 @@ class Trainer:
         self.sampler = BucketBatchSampler(
             self.cache, batch_size=config.batch_size, seed=config.seed
         )
+        self.dtype = dtype_named(config.weights_dtype)
+        check_dtype_supported(self.device, self.dtype)  # bf16 on a pre-Ampere card: say so
         self.transformer = load_transformer(
             config.model,
-            dtype=dtype_named(config.weights_dtype),
+            dtype=self.dtype,
             device=self.device,
             checkpointing=config.gradient_checkpointing,
         )
-        self.optimizer = build_optimizer(self.transformer.parameters(), config)
+        self.model = self.world.wrap(self.transformer, self.device)  # DDP when distributed
+        self.parameters = list(self.transformer.parameters())  # not walked again each step
+        self.optimizer = build_optimizer(self.parameters, config)
         self.schedule = build_schedule(self.optimizer, config)
         self.noise_schedule = NoiseSchedule.linear()
         self.ema = self._new_ema()
@@ -184,7 +191,7 @@ class Trainer:
 
     def _batch_iter(self) -> Iterator[list[int]]:
         if self._batches is None:
-            self._batches = iter(self.sampler)
+            self._batches = self.world.deal(iter(self.sampler))
         return self._batches
 
     def _accumulate(self, batch: Batch, micro: int) -> float:
@@ -192,8 +199,11 @@ class Trainer:
         the device runs out of memory); returns its share of the step's loss.
         """
 
+        rank = f"/{self.world.rank}" if self.world.distributed else ""
+
         def generator(purpose: str) -> torch.Generator:
-            return step_generator(self.config.seed, self.step, f"{purpose}/{micro}", self.device)
+            name = f"{purpose}/{micro}{rank}"
+            return step_generator(self.config.seed, self.step, name, self.device)
 
         latents = batch.latents.to(self.device)
         text, mask = batch.text.to(self.device), batch.mask.to(self.device)
@@ -213,9 +223,12 @@ class Trainer:
                 self.before_forward(parts.batch)
             with self._autocast():
                 prediction = predict(
-                    self.transformer, parts.noisy, parts.timesteps, parts.text, parts.mask
-                )
-            loss = diffusion_loss(prediction, parts.noise, parts.weights) * share
+                    self.model, parts.noisy, parts.timesteps, parts.text, parts.mask,
+                    dtype=self.dtype,
+                )  # fmt: skip
+            loss = diffusion_loss(prediction, parts.noise, parts.weights)
+            if share != 1.0:
+                loss = loss * share
             loss.backward()
             return float(loss.detach())
         except torch.OutOfMemoryError:
@@ -226,6 +239,8 @@ class Trainer:
         height, width = parts.noisy.shape[-2:]
         bucket = f"{width}x{height} latent"
         _free_memory(self.device)
+        if self.world.distributed:  # every rank must run the same backward passes
+            raise TrainingStopped(f"out of device memory on a batch of {size} ({bucket})")
         if size == 1:
             raise _SkipStep(f"one sample of {bucket} does not fit in device memory")
         log.warning("out of memory on a batch of %d (%s): retrying in halves", size, bucket)
@@ -253,9 +268,8 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=dtype_named(self.config.autocast_dtype))
 
     def _clip(self) -> float:
-        parameters = [p for p in self.transformer.parameters() if p.grad is not None]
         limit = self.config.grad_clip if self.config.grad_clip is not None else float("inf")
-        return float(torch.nn.utils.clip_grad_norm_(parameters, limit))
+        return float(torch.nn.utils.clip_grad_norm_(self.parameters, limit))
 
     def _new_ema(self) -> dict[str, torch.Tensor] | None:
         if self.config.ema_decay is None:
@@ -277,7 +291,11 @@ class Trainer:
         target = limits.target_step(first)
         started = time.monotonic()
         result = RunResult(first, first, "step limit")
-        with self.cache.reading(), RunLog(self.config, first, target) as run_log:
+        run_log_enabled = self.world.main
+        with (
+            self.cache.reading(),
+            RunLog(self.config, first, target, enabled=run_log_enabled) as run_log,
+        ):
             while target is None or self.step < target:
                 outcome = self.train_step()
                 run_log.record(self.step, outcome, self.schedule.get_last_lr()[0], self.device)
@@ -297,13 +315,16 @@ class Trainer:
         return result
 
     def _checkpoint(self, run_log: RunLog) -> Path:
-        path = self.save()
+        """Rank 0 writes the checkpoint; every rank waits until it is complete."""
+        path = self.save() if self.world.main else self.config.output_dir
+        self.world.barrier()
         run_log.checkpointed(self.step, path)
         return path
 
     def close(self) -> None:
-        """Release the cache (the model goes with the object)."""
+        """Release the cache and leave the process group (the model goes with the object)."""
         self.cache.close()
+        self.world.leave()
 
 
 class _SkipStep(Exception):
@@ -320,7 +341,7 @@ class _Parts:
     timesteps: torch.Tensor
     text: torch.Tensor
     mask: torch.Tensor
-    weights: torch.Tensor
+    weights: torch.Tensor | None
 
     def slice(self, start: int, stop: int) -> _Parts:
         batch = Batch(
@@ -331,7 +352,8 @@ class _Parts:
         )
         return _Parts(
             batch, self.noisy[start:stop], self.noise[start:stop], self.timesteps[start:stop],
-            self.text[start:stop], self.mask[start:stop], self.weights[start:stop],
+            self.text[start:stop], self.mask[start:stop],
+            None if self.weights is None else self.weights[start:stop],
         )  # fmt: skip
 
 

@@ -30,14 +30,20 @@ def load_transformer(
 
 
 def predict(
-    transformer: PixArtTransformer2DModel,
+    transformer: torch.nn.Module,
     noisy: torch.Tensor,
     timesteps: torch.Tensor,
     text: torch.Tensor,
     mask: torch.Tensor,
+    *,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
-    """The transformer's 8-channel output for noisy latents under caption embeddings."""
-    dtype = transformer.dtype
+    """The transformer's (or its DDP wrapper's) 8-channel output for noisy latents under
+    caption embeddings.
+
+    ``dtype`` is the weights' dtype, given by the caller: diffusers' ``transformer.dtype``
+    walks every parameter on each call.
+    """
     return transformer(
         noisy.to(dtype),
         encoder_hidden_states=text.to(dtype),

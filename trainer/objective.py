@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 NUM_TIMESTEPS = 1000
 BETA_START = 1e-4
@@ -86,18 +87,24 @@ def drop_captions(
 
 def loss_weights(
     schedule: NoiseSchedule, timesteps: torch.Tensor, min_snr_gamma: float | None
-) -> torch.Tensor:
-    """Per-sample weights: 1, or min(SNR, gamma) / SNR for epsilon prediction."""
+) -> torch.Tensor | None:
+    """Per-sample weights min(SNR, gamma) / SNR for epsilon prediction; None (all equal)
+    without min-SNR weighting.
+    """
     if min_snr_gamma is None:
-        return torch.ones(timesteps.shape[0])
+        return None
     snr = schedule.snr(timesteps)
     return torch.clamp(snr, max=min_snr_gamma) / snr
 
 
 def diffusion_loss(
-    prediction: torch.Tensor, noise: torch.Tensor, weights: torch.Tensor
+    prediction: torch.Tensor, noise: torch.Tensor, weights: torch.Tensor | None
 ) -> torch.Tensor:
-    """Weighted mean over the batch of the per-sample MSE on the noise channels (fp32)."""
+    """Mean over the batch of the per-sample MSE on the noise channels (fp32), weighted
+    per sample when ``weights`` are given.
+    """
     predicted_noise = prediction[:, :NOISE_CHANNELS].float()
-    per_sample = (predicted_noise - noise.float()).pow(2).mean(dim=(1, 2, 3))
+    if weights is None:
+        return F.mse_loss(predicted_noise, noise.float())
+    per_sample = F.mse_loss(predicted_noise, noise.float(), reduction="none").mean(dim=(1, 2, 3))
     return (per_sample * weights.to(per_sample.device)).mean()

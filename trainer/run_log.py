@@ -78,8 +78,11 @@ def memory_gb(device: torch.device) -> float:
 class RunLog:
     """Collects step results and reports each logging interval (see the module docstring)."""
 
-    def __init__(self, config: TrainConfig, first_step: int, target: int | None) -> None:
+    def __init__(
+        self, config: TrainConfig, first_step: int, target: int | None, *, enabled: bool = True
+    ) -> None:
         self.config, self.first_step, self.target = config, first_step, target
+        self.enabled = enabled  # only one process of a distributed run writes
         self.dir = config.output_dir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.trend: deque[float] = deque(maxlen=TREND_POINTS)
@@ -91,7 +94,7 @@ class RunLog:
         self._last: dict[str, Any] = {}
         self.last_checkpoint: int | None = None
         self.energy = EnergyMeter(config.device_watts, config.energy_price_per_kwh)
-        self._board = _open_board(self.dir) if config.tensorboard else None
+        self._board = _open_board(self.dir) if config.tensorboard and enabled else None
 
     def record(self, step: int, result: StepResult, lr: float, device: torch.device) -> None:
         """Count one step; report when an interval is complete."""
@@ -99,7 +102,7 @@ class RunLog:
             self._losses.append(result.loss)
         self._images += result.images
         self._steps += 1
-        if step % self.config.log_every == 0:
+        if self.enabled and step % self.config.log_every == 0:
             self._report(step, result, lr, device)
 
     def _report(self, step: int, result: StepResult, lr: float, device: torch.device) -> None:
@@ -132,13 +135,16 @@ class RunLog:
         """A checkpoint was written at ``step``: redraw the loss curve beside it."""
         self.last_checkpoint = step
         self._write_progress(step, "running", checkpoint=str(path))
-        plot_loss(self.dir)
+        if self.enabled:
+            plot_loss(self.dir)
 
     def finish(self, step: int, reason: str) -> None:
         """The run ended at ``step`` (at a limit, or asked to stop)."""
         self._write_progress(step, "finished", reason=reason)
 
     def _write_progress(self, step: int, state: str, **extra: Any) -> None:
+        if not self.enabled:
+            return
         every = self.config.checkpoint_every
         next_checkpoint = (step // every + 1) * every
         seconds_per_step = self._last.get("seconds_per_step")
