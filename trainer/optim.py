@@ -110,16 +110,25 @@ def _clip_rms_(update: torch.Tensor, threshold: float) -> torch.Tensor:
     return update.div_(torch.clamp(rms / threshold, min=1.0))
 
 
-def _check_hyperparameters(
-    lr: float, betas: tuple[float, ...], eps: tuple[float, ...], lengths: tuple[int, int], name: str
-) -> None:
-    """ValueError for a non-positive lr or betas/eps of the wrong length or range."""
+def _hyperparameters(
+    name: str,
+    lr: float,
+    betas: tuple[float, ...],
+    eps: tuple[float, ...],
+    weight_decay: float,
+    lengths: tuple[int, int],
+) -> dict[str, Any]:
+    """The optimizer's param-group defaults; ValueError for a non-positive lr or betas/eps
+    of the wrong length or range.
+    """
+    betas, eps = tuple(betas), tuple(eps)
     if lr <= 0:
         raise ValueError(f"{name}: learning rate must be positive, got {lr}")
     if len(betas) != lengths[0] or not all(0.0 <= beta < 1.0 for beta in betas):
         raise ValueError(f"{name}: needs {lengths[0]} betas in [0, 1), got {betas}")
     if len(eps) != lengths[1] or not all(value > 0 for value in eps):
         raise ValueError(f"{name}: needs {lengths[1]} positive eps, got {eps}")
+    return {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
 
 
 class PreciseOptimizer(Optimizer):
@@ -281,13 +290,7 @@ class AdamW(PreciseOptimizer):
         weight_decay: float = 0.0,
         **precision: Any,
     ) -> None:
-        _check_hyperparameters(lr, tuple(betas), tuple(eps), (2, 1), "AdamW")
-        defaults = {
-            "lr": lr,
-            "betas": tuple(betas),
-            "eps": tuple(eps),
-            "weight_decay": weight_decay,
-        }
+        defaults = _hyperparameters("AdamW", lr, betas, eps, weight_decay, (2, 1))
         super().__init__(params, defaults, **precision)
 
     def _init_state(
@@ -354,13 +357,7 @@ class Adafactor(_FactoredOptimizer):
         weight_decay: float = 0.0,
         **precision: Any,
     ) -> None:
-        _check_hyperparameters(lr, tuple(betas), tuple(eps), (2, 1), "Adafactor")
-        defaults = {
-            "lr": lr,
-            "betas": tuple(betas),
-            "eps": tuple(eps),
-            "weight_decay": weight_decay,
-        }
+        defaults = _hyperparameters("Adafactor", lr, betas, eps, weight_decay, (2, 1))
         super().__init__(params, defaults, **precision)
 
     def _init_state(
@@ -400,13 +397,7 @@ class CAME(_FactoredOptimizer):
         weight_decay: float = 0.0,
         **precision: Any,
     ) -> None:
-        _check_hyperparameters(lr, tuple(betas), tuple(eps), (3, 2), "CAME")
-        defaults = {
-            "lr": lr,
-            "betas": tuple(betas),
-            "eps": tuple(eps),
-            "weight_decay": weight_decay,
-        }
+        defaults = _hyperparameters("CAME", lr, betas, eps, weight_decay, (3, 2))
         super().__init__(params, defaults, **precision)
 
     def _init_state(
