@@ -79,7 +79,9 @@ def test_doctor_reports_each_check(tmp_path: Path) -> None:
     assert "[  ok] state dir" in result.stdout
     assert "[  ok] database" in result.stdout
     assert "[  ok] config" in result.stdout
-    assert "not checked yet" in result.stdout
+    # These runs block torch, as on a machine with only the daemon's core installed.
+    assert "[warn] device" in result.stdout and "[warn] cache" in result.stdout
+    assert "the train extra is not installed" in result.stdout
     assert KEY not in result.stdout + result.stderr
 
 

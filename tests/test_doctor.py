@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from daemon.doctor import Outcome
+from daemon.settings import load_settings
 from tests.conftest import ImmichFactory
 from tests.immich_server import DEFAULT_API_KEY
 from tests.ollama_server import OllamaServer
@@ -89,3 +91,28 @@ def test_doctor_checks_the_vision_model(
     assert "[FAIL] vision" in result.stdout and "ollama pull llava:7b" in result.stdout
     result = darkroom(tmp_path, "doctor", DARKROOM_OLLAMA__MODEL="llama3.2:3b", **common)
     assert "cannot see images" in result.stdout
+
+
+def test_cache_check_passes_a_sound_cache_and_fails_a_damaged_one(tmp_path: Path) -> None:
+    from daemon.doctor_training import check_cache
+    from tests.test_train import build_cache
+
+    paths = {"STATE_DIR": tmp_path / "state", "CACHE_DIR": tmp_path / "cache"}
+    settings = load_settings(None, {f"DARKROOM_PATHS__{k}": str(v) for k, v in paths.items()})
+    assert check_cache(settings).outcome is Outcome.WARN  # nothing encoded yet
+    build_cache(tmp_path / "cache")
+    sound = check_cache(settings)
+    assert sound.outcome is Outcome.OK and "12 samples" in sound.detail
+    shard = next((tmp_path / "cache" / "shards").glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:100])  # cut short
+    assert check_cache(settings).outcome is Outcome.FAIL
+
+
+def test_device_check_names_the_device_or_why_not(tmp_path: Path) -> None:
+    from daemon.doctor_training import check_training_device
+
+    env = {"DARKROOM_PATHS__STATE_DIR": str(tmp_path)}
+    auto = check_training_device(load_settings(None, env))
+    assert auto.outcome is Outcome.WARN and "CPU" in auto.detail  # this machine has no GPU
+    cuda = check_training_device(load_settings(None, env | {"DARKROOM_TRAIN__DEVICE": "cuda"}))
+    assert cuda.outcome is Outcome.FAIL and "cuda" in cuda.detail.lower()
