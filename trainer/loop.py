@@ -54,7 +54,7 @@ from trainer.objective import (
     drop_captions,
     loss_weights,
 )
-from trainer.optim import build_optimizer, build_schedule
+from trainer.optim import PreciseOptimizer, build_optimizer, build_schedule
 from trainer.run_log import RunLog
 
 log = logging.getLogger("darkroom.train")
@@ -181,7 +181,8 @@ class Trainer:
             return self._skip(skip)
         self._oom_steps = 0
         grad_norm = self._clip()
-        self.optimizer.set_step(self.step)  # type: ignore[attr-defined]
+        if isinstance(self.optimizer, PreciseOptimizer):  # its rounding bits for this step
+            self.optimizer.set_step(self.step)
         self.optimizer.step()
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
