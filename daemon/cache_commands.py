@@ -118,7 +118,7 @@ def _gc(settings: Settings, cache: Cache) -> int:
         with Store(settings.paths.database) as store:
             wanted, _ = TrainingSet(store).wanted(thin_duplicates=settings.cache.thin_duplicates)
         keep = {candidate.asset_id for candidate in wanted}
-        retired = cache.retire(ref for ref in cache.live_samples() if ref not in keep)
+        retired = cache.retire_all_except(keep)
         print(f"{retired} sample(s) retired (photo deleted, replaced or no longer wanted)")
     print(format_gc(cache.gc()))
     return EXIT_OK

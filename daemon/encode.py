@@ -162,6 +162,6 @@ def run_encode(settings: Settings, *, bar: bool | None = None) -> EncodeSummary:
         sources = [sample_source(immich, candidate, settings) for candidate in wanted]
         report = encode_sources(cache, sources, encode_config(settings.cache), bar=bar)
         keep = set(report.samples) | set(report.failed)  # a refused photo leaves
-        retired = cache.retire(ref for ref in cache.live_samples() if ref not in keep)
+        retired = cache.retire_all_except(keep)
         record(training, report, thinned)
     return EncodeSummary(examined, len(wanted), len(thinned), retired, report)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import subprocess
 import threading
 import time
@@ -38,7 +37,13 @@ from typing import Any
 
 from daemon.settings import HookSettings
 from daemon.store import CheckpointRecord, Store, utc_now
-from trainer.progress_file import read_progress
+from trainer.progress_file import (
+    CHECKPOINTS_DIR,
+    EXIT_UNWORKABLE,
+    MANIFEST_NAME,
+    STEP_NAME,
+    read_progress,
+)
 
 log = logging.getLogger("darkroom.hooks")
 
@@ -47,12 +52,7 @@ RESUME_KEY = "training_resume_owed"  # non-empty: the last training was cut shor
 EPOCH = "1970-01-01T00:00:00+00:00"
 TERMINATE_WAIT_S = 10.0  # on daemon shutdown: SIGTERM, then SIGKILL after this long
 KILL_WAIT_S = 5.0  # after SIGKILL; a process stuck in the kernel is reaped at a later check
-EXIT_UNWORKABLE = 78  # EX_CONFIG from the trainer: its settings cannot work on this machine
 ENCODE, TRAIN = "encode", "train"
-# The trainer's checkpoint layout (trainer/checkpoints.py, which needs torch to import).
-CHECKPOINTS_DIR = "checkpoints"
-CHECKPOINT_FOLDER = re.compile(r"step-(\d{8,})")
-MANIFEST_NAME = "manifest.json"
 
 
 class Outcome(StrEnum):
@@ -96,7 +96,7 @@ def scan_checkpoints(checkpoint_dir: Path) -> list[CheckpointRecord]:
         return []
     records = []
     for folder in folders:
-        match = CHECKPOINT_FOLDER.fullmatch(folder.name)
+        match = STEP_NAME.fullmatch(folder.name)
         manifest = _read_json(folder / MANIFEST_NAME) if match else None
         if match is None or manifest is None or manifest.get("step") != int(match[1]):
             continue

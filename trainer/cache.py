@@ -375,6 +375,11 @@ class Cache:
                 db.execute("ROLLBACK")  # nothing changed: keep the generation as it was
         return count
 
+    def retire_all_except(self, keep: Iterable[str]) -> int:
+        """Retire every live sample whose ref is not in ``keep`` (photos no longer wanted)."""
+        kept = set(keep)
+        return self.retire(ref for ref in self.live_samples() if ref not in kept)
+
     def load_latent(self, key: str) -> torch.Tensor:
         """The latent stored under ``key`` (C, h, w)."""
         return self._load("latents", key)

@@ -60,6 +60,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from trainer.progress_file import (
+    CHECKPOINTS_DIR,
+    MANIFEST_NAME,
+    STEP_DIGITS,
+    STEP_NAME,
+    STEP_PREFIX,
+)
 from trainer.shards import fsync_dir, hash_file
 
 if TYPE_CHECKING:
@@ -84,11 +91,7 @@ __all__ = [
 
 log = logging.getLogger("darkroom.checkpoints")
 
-CHECKPOINTS_DIR = "checkpoints"
 LATEST_NAME = "latest"
-STEP_PREFIX = "step-"
-STEP_DIGITS = 8
-STEP_NAME = re.compile(rf"{STEP_PREFIX}(\d{{{STEP_DIGITS},}})")
 TMP_PREFIX = ".tmp-"  # every folder or file starting so is unfinished or being discarded
 ASIDE_PREFIX = f"{TMP_PREFIX}old-"  # a same-step checkpoint moved aside while replaced
 DROP_PREFIX = f"{TMP_PREFIX}drop-"  # a pruned checkpoint, renamed before its deletion
@@ -96,7 +99,6 @@ TRANSFORMER_DIR = "transformer"
 WEIGHTS_SUFFIX = ".safetensors"
 STATE_NAME = "training_state.pt"
 CONFIG_NAME = "config.json"
-MANIFEST_NAME = "manifest.json"
 CHECKPOINT_FORMAT = 1
 REQUIRED_FILES = (STATE_NAME, CONFIG_NAME, f"{TRANSFORMER_DIR}/config.json")
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})

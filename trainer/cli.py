@@ -20,11 +20,11 @@ from types import FrameType
 from trainer.config import DEFAULT_PRESET, TrainConfig, config_for
 from trainer.limits import RunLimits, add_limit_arguments, limits_from
 from trainer.loop import Trainer, TrainingStopped
+from trainer.progress_file import EXIT_UNWORKABLE
 
 log = logging.getLogger("darkroom.train")
 
 EXIT_OK = 0
-EXIT_STOPPED = 78  # sysexits EX_CONFIG: these settings cannot work here; no retry helps
 
 
 class StopFlag:
@@ -55,7 +55,7 @@ def run_training(config: TrainConfig, limits: RunLimits) -> int:
         result = trainer.run(limits, should_stop=stop)
     except TrainingStopped as exc:
         log.error("training stopped: %s", exc)
-        return EXIT_STOPPED
+        return EXIT_UNWORKABLE
     finally:
         trainer.close()
     log.info(

@@ -42,7 +42,7 @@ from trainer.checkpoints import (
 )
 from trainer.config import TrainConfig, step_generator
 from trainer.dataset import Batch, BucketBatchSampler, CacheDataset, collate
-from trainer.devices import check_dtype_supported, dtype_named, pick_device
+from trainer.devices import check_dtype_supported, dtype_named, empty_cache, pick_device
 from trainer.distributed import World
 from trainer.limits import RunLimits
 from trainer.model import load_transformer, predict
@@ -239,7 +239,7 @@ class Trainer:
         size = parts.noisy.shape[0]
         height, width = parts.noisy.shape[-2:]
         bucket = f"{width}x{height} latent"
-        _free_memory(self.device)
+        empty_cache(self.device)
         if self.world.distributed:  # every rank must run the same backward passes
             raise TrainingStopped(f"out of device memory on a batch of {size} ({bucket})")
         if size == 1:
@@ -356,10 +356,3 @@ class _Parts:
             self.text[start:stop], self.mask[start:stop],
             None if self.weights is None else self.weights[start:stop],
         )  # fmt: skip
-
-
-def _free_memory(device: torch.device) -> None:
-    backend = getattr(torch, device.type, None)
-    empty_cache = getattr(backend, "empty_cache", None)
-    if device.type != "cpu" and callable(empty_cache):
-        empty_cache()

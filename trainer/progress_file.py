@@ -1,4 +1,4 @@
-"""The files a training run leaves for others to read, and how they are written.
+"""The files a training run leaves for others to read, how they are written and named.
 
 ``<output_dir>/progress.json`` is replaced atomically at every logging interval and at each
 checkpoint; ``<output_dir>/train_log.jsonl`` gains one line per interval.  Torch-free, so
@@ -9,11 +9,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 PROGRESS_FILE = "progress.json"
 LOG_FILE = "train_log.jsonl"
+# Where checkpoints live in the output folder, and how the daemon tells them apart.
+CHECKPOINTS_DIR = "checkpoints"
+STEP_PREFIX = "step-"
+STEP_DIGITS = 8
+STEP_NAME = re.compile(rf"{STEP_PREFIX}(\d{{{STEP_DIGITS},}})")
+MANIFEST_NAME = "manifest.json"
+# The trainer's exit code when its settings cannot work here (sysexits EX_CONFIG): no retry
+# helps, so the daemon does not restart it.
+EXIT_UNWORKABLE = 78
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
