@@ -4,8 +4,10 @@ Runs in a process of its own, started by the daemon's hooks or by hand, in order
 
 1. examine -- each curated photo that changed in Immich: rating, caption, pixels
               (``training_set``); one or two requests per changed photo, none otherwise;
-2. select  -- the eligible photos, bursts thinned when ``cache.thin_duplicates`` is on;
-3. encode  -- latents and caption embeddings the cache lacks (``trainer.encode``);
+2. select  -- the eligible photos, bursts thinned when ``cache.thin_duplicates`` is on,
+              one in ``cache.held_out_every`` held out of training (``held_out``);
+3. encode  -- latents and caption embeddings the cache lacks (``trainer.encode``), the
+              held-out photos into a cache of their own (``paths.held_out_dir``);
 4. retire  -- samples of photos no longer wanted leave the sampler (``darkroom cache gc``
               frees their bytes later);
 5. record  -- each photo's outcome in the store's ``encode`` stage.
@@ -17,6 +19,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from daemon.held_out import HELD_OUT_REASON, OVER_CAP_REASON, HeldOutSplit, split_held_out
 from daemon.immich import open_immich
 from daemon.pipeline import BYTES_PER_MB
 from daemon.settings import CacheSettings, Settings
@@ -54,6 +57,7 @@ class EncodeSummary:
     thinned: int
     retired: int
     report: EncodeReport
+    held_out: EncodeReport | None = None
 
 
 def encode_config(cache: CacheSettings) -> EncodeConfig:
@@ -136,9 +140,20 @@ def sample_source(immich: ImmichClient, candidate: Candidate, settings: Settings
     )
 
 
-def record(training: TrainingSet, report: EncodeReport, thinned: dict[str, str]) -> None:
+def record(
+    training: TrainingSet,
+    report: EncodeReport,
+    thinned: dict[str, str],
+    held_out: tuple[HeldOutSplit, EncodeReport] | None = None,
+) -> None:
     """Each photo's outcome in the encode stage."""
     outcomes = [(ref, "done", None) for ref in report.samples]
+    if held_out is not None:
+        split, held_report = held_out
+        outcomes += [(ref, "done", HELD_OUT_REASON) for ref in held_report.samples]
+        outcomes += [(ref, "skipped", reason) for ref, reason in held_report.skipped.items()]
+        outcomes += [(ref, "failed", reason) for ref, reason in held_report.failed.items()]
+        outcomes += [(ref, "skipped", OVER_CAP_REASON) for ref in split.over_cap]
     outcomes += [(ref, "skipped", reason) for ref, reason in report.skipped.items()]
     outcomes += [(ref, "failed", reason) for ref, reason in report.failed.items()]
     outcomes += [
@@ -149,19 +164,48 @@ def record(training: TrainingSet, report: EncodeReport, thinned: dict[str, str])
 
 
 def run_encode(settings: Settings, *, bar: bool | None = None) -> EncodeSummary:
-    """The whole stage, from the store and Immich into the cache."""
+    """The whole stage, from the store and Immich into the caches."""
     with (
         Store(settings.paths.database) as store,
         open_immich(settings) as immich,
         Cache.open(settings.paths.cache_dir, create=True) as cache,
+        Cache.open(settings.paths.held_out_dir, create=True) as held_out_cache,
     ):
         training = TrainingSet(store)
         examined = examine(training, immich, settings.cache)
         wanted, thinned = training.wanted(thin_duplicates=settings.cache.thin_duplicates)
-        log.info("%d photos examined; %d wanted for training", examined, len(wanted))
-        sources = [sample_source(immich, candidate, settings) for candidate in wanted]
-        report = encode_sources(cache, sources, encode_config(settings.cache), bar=bar)
-        keep = set(report.samples) | set(report.failed)  # a refused photo leaves
-        retired = cache.retire_all_except(keep)
-        record(training, report, thinned)
-    return EncodeSummary(examined, len(wanted), len(thinned), retired, report)
+        split = split_held_out(
+            wanted,
+            every=settings.cache.held_out_every,
+            cap=settings.cache.held_out_max,
+            already=held_out_cache.live_samples().keys(),
+        )
+        log.info(
+            "%d photos examined; %d wanted for training, %d held out for evaluation",
+            examined, len(split.train), len(split.held_out) + len(split.over_cap),
+        )  # fmt: skip
+        report = _encode_into(cache, split.train, immich, settings, bar)
+        retired = _retire(cache, report)
+        held_report = _encode_into(held_out_cache, split.held_out, immich, settings, bar)
+        _retire(held_out_cache, held_report)
+        record(training, report, thinned, (split, held_report))
+    return EncodeSummary(examined, len(split.train), len(thinned), retired, report, held_report)
+
+
+def _encode_into(
+    cache: Cache,
+    candidates: list[Candidate],
+    immich: ImmichClient,
+    settings: Settings,
+    bar: bool | None,
+) -> EncodeReport:
+    """Encode the candidates the cache lacks (nothing is loaded when there are none)."""
+    if not candidates:
+        return EncodeReport()
+    sources = [sample_source(immich, candidate, settings) for candidate in candidates]
+    return encode_sources(cache, sources, encode_config(settings.cache), bar=bar)
+
+
+def _retire(cache: Cache, report: EncodeReport) -> int:
+    """Retire the samples of photos no longer wanted; a photo not fetched this time stays."""
+    return cache.retire_all_except(set(report.samples) | set(report.failed))

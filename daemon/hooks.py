@@ -3,8 +3,10 @@
 A run is due when the local time is inside the training window (if one is set) and either
 at least ``min_new_samples`` photos were curated since the last run began, or the last
 training was cut short (window end, daemon stop) and continues.  A run is the encode command,
-then (if it succeeded and the window is still open) the train command; each is a separate
-process, so an out-of-memory kill or a GPU driver crash ends that process, never the daemon.
+then (if it succeeded and the window is still open) the train command, then the samples
+command (also after a train stopped at the window's end: its last checkpoint gets its
+renders, evaluation and uploads); each is a separate process, so an out-of-memory kill
+or a GPU driver crash ends that process, never the daemon.
 Only one run exists at a time.
 
 Every check (``check_interval_s``) looks at the running step and returns at once, so the
@@ -52,7 +54,7 @@ RESUME_KEY = "training_resume_owed"  # non-empty: the last training was cut shor
 EPOCH = "1970-01-01T00:00:00+00:00"
 TERMINATE_WAIT_S = 10.0  # on daemon shutdown: SIGTERM, then SIGKILL after this long
 KILL_WAIT_S = 5.0  # after SIGKILL; a process stuck in the kernel is reaped at a later check
-ENCODE, TRAIN = "encode", "train"
+ENCODE, TRAIN, SAMPLES = "encode", "train", "samples"
 
 
 class Outcome(StrEnum):
@@ -163,7 +165,11 @@ class Hooks:
 
     def commands(self) -> list[tuple[str, Sequence[str]]]:
         """The configured steps of a run, in order."""
-        steps = [(ENCODE, self.settings.encode_command), (TRAIN, self.settings.train_command)]
+        steps = [
+            (ENCODE, self.settings.encode_command),
+            (TRAIN, self.settings.train_command),
+            (SAMPLES, self.settings.samples_command),
+        ]
         return [(name, command) for name, command in steps if command]
 
     def due(self, now: datetime) -> bool:
@@ -282,11 +288,14 @@ class Hooks:
         if outcome is Outcome.FINISHED:
             log.info("%s finished", step.name)
             return
+        samples = [(name, command) for name, command in self._queue if name == SAMPLES]
         self._queue.clear()
         if outcome in (Outcome.STOPPED, Outcome.KILLED):
             log.info("%s stopped at step %s (exit code %d); it continues next window",
                      step.name, progress.get("step"), code)  # fmt: skip
             self._owe_resume()
+            if step.name == TRAIN:
+                self._queue = samples  # the checkpoints written before the stop get samples
         elif outcome is Outcome.UNWORKABLE:
             reason = progress.get("reason") or progress.get("error") or "no reason in progress.json"
             log.error("%s exited with code 78, its settings cannot work here: %s; not retried",

@@ -32,6 +32,14 @@ from pydantic import (
     model_validator,
 )
 
+from trainer.sample_defaults import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_NEGATIVE,
+    DEFAULT_SEED,
+    DEFAULT_SIZE,
+    DEFAULT_STEPS,
+)
+
 DEFAULT_CONFIG_PATH = Path("/etc/darkroom/darkroom.toml")
 ENV_PREFIX = "DARKROOM_"
 ENV_NESTED_DELIMITER = "__"
@@ -188,6 +196,10 @@ class HookSettings(_Section):
         default=3600.0, gt=0, description="The wait doubles after each crash, up to this."
     )
     max_restarts: int = Field(default=5, ge=0, le=100, description="Crash restarts per run.")
+    samples_command: list[str] | None = Field(
+        default=None,
+        description="Run after training: renders, evaluation, uploads (darkroom samples).",
+    )
 
 
 DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d+)?|xpu(:\d+)?)$"
@@ -240,6 +252,12 @@ class CacheSettings(_Section):
     commit_every: int = Field(
         default=64, ge=1, description="Samples per append; a crash loses at most this many."
     )
+    held_out_every: int = Field(
+        default=50, ge=0, description="1 photo in N is held out, never trained on; 0: none."
+    )
+    held_out_max: int = Field(
+        default=64, ge=1, description="Held-out photos encoded for evaluation, at most."
+    )
 
 
 class TrainSettings(_Section):
@@ -266,19 +284,68 @@ class TrainSettings(_Section):
     )
 
 
+class ValidationPrompt(_Section):
+    """A prompt rendered by every checkpoint, always with the same seed."""
+
+    prompt: str = Field(min_length=1)
+    seed: int = Field(default=DEFAULT_SEED, ge=0)
+
+
+DEFAULT_VALIDATION_PROMPTS = (
+    "a portrait of an old fisherman on the harbour wall in soft golden hour light",
+    "a quiet lake at dawn with mist over the water, a wooden rowing boat",
+    "a tabby cat asleep on the kitchen table by a sunlit window",
+    "a narrow alley after the rain, neon signs reflected in the cobblestones",
+)
+
+
+class SamplesSettings(_Section):
+    """``darkroom generate``, the validation renders after each checkpoint, and uploads."""
+
+    prompts: list[ValidationPrompt] = Field(
+        default_factory=lambda: [ValidationPrompt(prompt=p) for p in DEFAULT_VALIDATION_PROMPTS],
+        description="Rendered by every checkpoint with fixed seeds (the time-lapse).",
+    )
+    steps: int = Field(default=DEFAULT_STEPS, ge=1, le=1000)
+    guidance: float = Field(default=DEFAULT_GUIDANCE, ge=0)
+    width: int = Field(default=DEFAULT_SIZE, description="One of the nine bucket sizes.")
+    height: int = Field(default=DEFAULT_SIZE, description="One of the nine bucket sizes.")
+    negative: str = DEFAULT_NEGATIVE
+    device: str = Field(default="auto", pattern=DEVICE_PATTERN)
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    cpu_offload: bool = Field(default=False, description="Keep idle parts in RAM (12 GB cards).")
+    vae_tiling: bool = Field(default=False, description="Decode in tiles (less GPU memory).")
+    upload: Literal["auto", "on", "off"] = Field(
+        default="auto", description="Put results in Immich; auto: when the key has asset.upload."
+    )
+    album: str = Field(default="darkroom · time-lapse", min_length=1)
+    frame_ms: int = Field(default=600, ge=20, description="Time-lapse: time per checkpoint.")
+    hold_last_ms: int = Field(default=2000, ge=20, description="Time-lapse: last frame's time.")
+    clip_model: Path | None = Field(
+        default=None, description="A local CLIP model folder for CLIP scores; None: skipped."
+    )
+    evaluate: bool = Field(default=True, description="Held-out loss per checkpoint.")
+
+
 class PathSettings(_Section):
     """Where darkroom keeps its state, its training cache and its checkpoints."""
 
     state_dir: Path = Field(description="SQLite state database lives here.")
     cache_dir: Path = Field(description="VAE latents and T5 embeddings.")
     checkpoint_dir: Path = Field(description="Training checkpoints; default state_dir/checkpoints.")
+    held_out_dir: Path = Field(
+        description="Held-out photos' cache (never trained on); default state_dir/held-out."
+    )
 
     @model_validator(mode="before")
     @classmethod
-    def _checkpoints_beside_state(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("checkpoint_dir") is None and "state_dir" in data:
-            return {**data, "checkpoint_dir": str(Path(data["state_dir"]) / "checkpoints")}
-        return data
+    def _defaults_beside_state(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "state_dir" not in data:
+            return data
+        state_dir = Path(data["state_dir"])
+        beside = {"checkpoint_dir": "checkpoints", "held_out_dir": "held-out"}
+        defaults = {key: str(state_dir / name) for key, name in beside.items()}
+        return {**defaults, **{key: value for key, value in data.items() if value is not None}}
 
     @property
     def database(self) -> Path:
@@ -300,6 +367,7 @@ class Settings(_Section):
     daemon: DaemonSettings = DaemonSettings()
     hooks: HookSettings = HookSettings()
     cache: CacheSettings = CacheSettings()
+    samples: SamplesSettings = SamplesSettings()
     train: TrainSettings = TrainSettings()
     paths: PathSettings
 

@@ -166,6 +166,41 @@ _MIGRATION_6 = (
     )""",
 )
 
+_MIGRATION_7 = (
+    # What the samples job made of each checkpoint (``daemon/results.py``): renders of the
+    # validation prompts (step 0: the base model), files uploaded to Immich (never twice), and
+    # the held-out loss by timestep bin.
+    """CREATE TABLE renders (
+        kind TEXT NOT NULL,
+        step INTEGER NOT NULL,
+        prompt_key TEXT NOT NULL,
+        prompt TEXT NOT NULL,
+        seed INTEGER NOT NULL,
+        path TEXT NOT NULL,
+        clip_score REAL,
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (kind, step, prompt_key)
+    )""",
+    """CREATE TABLE uploads (
+        key TEXT PRIMARY KEY,
+        sha1 TEXT NOT NULL,
+        asset_id TEXT NOT NULL,
+        album_id TEXT,
+        uploaded_at TEXT NOT NULL
+    )""",
+    """CREATE TABLE evaluations (
+        step INTEGER NOT NULL,
+        set_digest TEXT NOT NULL,
+        samples INTEGER NOT NULL,
+        early REAL NOT NULL,
+        middle REAL NOT NULL,
+        late REAL NOT NULL,
+        overall REAL NOT NULL,
+        evaluated_at TEXT NOT NULL,
+        PRIMARY KEY (step, set_digest)
+    )""",
+)
+
 # Append only: a released migration is never edited, a new one is added at the end.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     _MIGRATION_1,
@@ -174,6 +209,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     _MIGRATION_4,
     _MIGRATION_5,
     _MIGRATION_6,
+    _MIGRATION_7,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

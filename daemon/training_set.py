@@ -216,6 +216,22 @@ class TrainingSet:
                     conn, asset_id, STAGE, status, error=reason, attempted=status != "skipped"
                 )
 
+    def rating_counts(self) -> dict[str, int]:
+        """Photos eligible for training by star rating (the model card's distribution)."""
+        rows = self.store.read(
+            "SELECT rating, COUNT(*) FROM training WHERE eligible GROUP BY rating ORDER BY rating"
+        )
+        return {str(rating): count for rating, count in rows}
+
+    def mean_scores(self) -> dict[str, float]:
+        """The vision model's mean score of each quality factor over eligible photos."""
+        rows = self.store.read(
+            "SELECT f.key, AVG(f.value) FROM training t JOIN curations c USING (asset_id), "
+            "json_each(c.scores) f WHERE t.eligible AND c.scores IS NOT NULL "
+            "GROUP BY f.key ORDER BY f.key"
+        )
+        return {str(name): float(mean) for name, mean in rows}
+
     def verdict(self, asset_id: str) -> dict[str, object] | None:
         """The stored verdict of one asset, by column name."""
         rows = self.store.read("SELECT * FROM training WHERE asset_id = ?", (asset_id,))

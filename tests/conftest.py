@@ -60,3 +60,17 @@ from tests.curation_harness import critic, make_ctx, ollama  # noqa: E402, F401
 
 # A tiny PixArt-Sigma folder (VAE, T5, tokenizer, transformer), built once per session.
 from tests.tiny_models import tiny_pixart  # noqa: E402, F401
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Bitwise comparisons need one reduction order: a BLAS free to pick its thread count
+    by load (MKL's dynamic threads) sums in different orders on a busy machine.  Modules
+    that compare bit for bit use it with ``pytestmark = pytest.mark.usefixtures(...)``.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -45,6 +45,9 @@ def settings_env(tmp_path: Path, immich: ImmichServer, ollama: OllamaServer, **e
         "DARKROOM_OLLAMA__HOSTS": ollama.url,
         "DARKROOM_OLLAMA__PARALLEL": "2",
         "DARKROOM_OLLAMA__TIMEOUT_S": "10",
+        # The stand-in's asset ids are random: a held-out photo would be a random one.  Tests
+        # of the held-out set turn it on.
+        "DARKROOM_CACHE__HELD_OUT_EVERY": "0",
         **env,
     }
 

@@ -18,6 +18,7 @@ import pytest
 from daemon import training_set
 from daemon.cache_commands import EXIT_OK
 from daemon.encode import EncodeSummary, run_encode
+from daemon.held_out import HELD_OUT_REASON, OVER_CAP_REASON, held_out_rank
 from daemon.pipeline import Context
 from tests.curation_harness import process
 from tests.immich_library import make_jpeg
@@ -170,6 +171,30 @@ def test_bursts_are_thinned_to_the_best_rated_photo(
     assert keep in report.samples and drop not in report.samples
     status, _, reason = encoded.ctx.store.stage_of(drop, training_set.STAGE)
     assert status == "skipped" and keep in reason
+
+
+def test_held_out_photos_go_to_their_own_cache_and_never_train(
+    encoded: Any, photos: dict[str, str]
+) -> None:
+    # Every photo is held out (1 in 1), the evaluation set holds one: the lowest hash.
+    summary = encoded(held_out_every=1, held_out_max=1)
+    ids = sorted(photos.values(), key=held_out_rank)
+    assert summary.wanted == 0 and summary.report.samples == {}
+    assert summary.held_out is not None and list(summary.held_out.samples) == ids[:1]
+    with open_cache(encoded.ctx) as cache:
+        assert cache.live_samples() == {}  # none of them is trained on
+    with Cache.open(encoded.ctx.settings.paths.held_out_dir) as held_out:
+        assert list(held_out.live_samples()) == ids[:1]
+        assert held_out.verify().ok
+    store = encoded.ctx.store
+    assert store.stage_of(ids[0], training_set.STAGE)[::2] == ("done", HELD_OUT_REASON)
+    for other in ids[1:]:
+        assert store.stage_of(other, training_set.STAGE)[::2] == ("skipped", OVER_CAP_REASON)
+    # Holding out nothing again: the photos train, and the held-out cache is emptied.
+    summary = encoded(held_out_every=0)
+    assert sorted(summary.report.samples) == sorted(ids)
+    with Cache.open(encoded.ctx.settings.paths.held_out_dir) as held_out:
+        assert held_out.live_samples() == {}
 
 
 def test_cli_verify_gc_and_stats(encoded: Any) -> None:

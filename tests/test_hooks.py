@@ -95,6 +95,37 @@ def test_run_needs_window_and_enough_new_samples(tmp_path: Path) -> None:
     assert hooks.due(NIGHT)
 
 
+def test_samples_follow_a_finished_training(tmp_path: Path) -> None:
+    store = Store(tmp_path / "db.sqlite3")
+    settings = HookSettings(
+        window="",
+        min_new_samples=1,
+        train_command=step(tmp_path, "train"),
+        samples_command=step(tmp_path, "samples"),
+    )
+    hooks = Hooks(settings, store)
+    curated(store, 1)
+    settle(hooks, NOON)
+    assert (tmp_path / "samples").read_text() == "ran\n"
+    assert [run.step_name for run in store.training_runs(5)] == ["samples", "train"]
+
+
+def test_samples_do_not_follow_a_crashed_training(tmp_path: Path) -> None:
+    store = Store(tmp_path / "db.sqlite3")
+    settings = HookSettings(
+        window="",
+        min_new_samples=1,
+        max_restarts=0,
+        train_command=step(tmp_path, "train", code=1),
+        samples_command=step(tmp_path, "samples"),
+    )
+    hooks = Hooks(settings, store)
+    curated(store, 1)
+    settle(hooks, NOON)
+    assert (tmp_path / "train").read_text() == "ran\n"
+    assert not (tmp_path / "samples").exists()
+
+
 def test_failed_encode_stops_the_run_and_not_the_daemon(tmp_path: Path) -> None:
     store = Store(tmp_path / "db.sqlite3")
     settings = HookSettings(
@@ -257,7 +288,7 @@ def test_window_end_stops_the_trainer_with_sigterm_and_records_it(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, "darkroom.hooks")
-    hooks = make_hooks(tmp_path, "sleep")
+    hooks = make_hooks(tmp_path, "sleep", samples_command=step(tmp_path, "samples"))
     until(hooks, NIGHT, lambda: progress_state(tmp_path) == "running")
     hooks.check(NIGHT)  # while it runs: its checkpoints reach the store
     assert [(c.step, c.milestone) for c in hooks.store.newest_checkpoints(5)] == [(10, True)]
@@ -267,7 +298,8 @@ def test_window_end_stops_the_trainer_with_sigterm_and_records_it(
     assert time.monotonic() - started < 1  # asked, not waited for
     assert "the window 01:00-06:00 has ended: stopping train (SIGTERM" in caplog.text
     until(hooks, MORNING, lambda: not hooks.running)
-    run = last_run(hooks)
+    samples, run = hooks.store.training_runs(2)
+    assert (samples.step_name, samples.outcome) == ("samples", "finished")
     assert (run.step_name, run.outcome, run.exit_code) == ("train", "stopped", 0)
     assert (run.first_step, run.last_step) == (0, 20)
     checkpoints = hooks.store.newest_checkpoints(5)
@@ -276,6 +308,8 @@ def test_window_end_stops_the_trainer_with_sigterm_and_records_it(
         (10, True, 2),
     ]
     assert checkpoints[0].path == str(tmp_path / "out" / "checkpoints" / "step-00000020")
+    # The checkpoints written before the stop get their samples, outside the window too.
+    assert (tmp_path / "samples").read_text() == "ran\n"
     assert not hooks.due(MORNING)
     # Cut short, it continues next window although no new photo was curated.
     until(hooks, NEXT_NIGHT, lambda: starts(tmp_path) == 2)

@@ -29,8 +29,9 @@ SYSTEMD_DIR = REPO / "systemd"
 DAEMON_UNIT = "darkroom.service"
 TRAIN_UNIT = "darkroom-train.service"
 ENCODE_UNIT = "darkroom-encode.service"
+SAMPLES_UNIT = "darkroom-samples.service"
 TIMER_UNIT = "darkroom-train.timer"
-UNITS = (DAEMON_UNIT, TRAIN_UNIT, ENCODE_UNIT, TIMER_UNIT)
+UNITS = (DAEMON_UNIT, TRAIN_UNIT, ENCODE_UNIT, SAMPLES_UNIT, TIMER_UNIT)
 EXAMPLE_CONFIG = Path("systemd/darkroom.toml")
 INSTALLED_EXECUTABLE = "/opt/darkroom/bin/darkroom"
 EXIT_CONFIG = "78"
@@ -52,6 +53,8 @@ EXAMPLE_NOT_DEFAULT = {
     ("immich", "api_key"),
     ("hooks", "encode_command"),
     ("hooks", "train_command"),
+    ("hooks", "samples_command"),
+    ("samples", "clip_model"),
     ("train", "learning_rate"),
     ("train", "min_snr_gamma"),
     ("train", "ema_decay"),
@@ -204,6 +207,7 @@ def exposure(analyze: str, unit: Path) -> float:
         (DAEMON_UNIT, DAEMON_MAX_EXPOSURE),
         (TRAIN_UNIT, TRAIN_MAX_EXPOSURE),
         (ENCODE_UNIT, TRAIN_MAX_EXPOSURE),
+        (SAMPLES_UNIT, TRAIN_MAX_EXPOSURE),
     ],
 )
 def test_units_are_hardened(analyze: str, unit: str, limit: float) -> None:

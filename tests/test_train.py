@@ -13,7 +13,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -70,15 +69,7 @@ def cache_dir(tmp_path: Path) -> Path:
     return build_cache(tmp_path / "cache")
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Bitwise comparisons need one reduction order: a BLAS free to pick its thread count
-    by load (MKL's dynamic threads) sums in different orders on a busy machine.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # bitwise comparisons (conftest)
 
 
 def train(config: TrainConfig, limits: RunLimits) -> Trainer:

@@ -27,6 +27,7 @@ import os
 import random
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 # Tests never reach a model hub: every load is from a local folder.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -330,17 +331,17 @@ def _save_text_encoder(folder: Path, vocab_size: int) -> None:
     T5EncoderModel(config).eval().save_pretrained(folder)
 
 
-def _save_transformer(folder: Path) -> None:
-    """A 2-layer PixArtTransformer2DModel wired to the tiny T5's width."""
+def tiny_transformer(layers: int = DIT_LAYERS) -> Any:
+    """A seeded PixArtTransformer2DModel of ``layers`` blocks wired to the tiny T5's width."""
     from diffusers import PixArtTransformer2DModel
 
     torch.manual_seed(SEED)
-    transformer = PixArtTransformer2DModel(
+    return PixArtTransformer2DModel(
         num_attention_heads=DIT_HEADS,
         attention_head_dim=DIT_HEAD_DIM,
         in_channels=DIT_IN_CHANNELS,
         out_channels=DIT_OUT_CHANNELS,
-        num_layers=DIT_LAYERS,
+        num_layers=layers,
         cross_attention_dim=DIT_HEADS * DIT_HEAD_DIM,
         sample_size=DIT_SAMPLE_SIZE,
         patch_size=DIT_PATCH,
@@ -349,7 +350,11 @@ def _save_transformer(folder: Path) -> None:
         # None would switch micro-conditions ON at sample_size 128: wrong for Sigma.
         use_additional_conditions=False,
     )
-    transformer.save_pretrained(folder)
+
+
+def _save_transformer(folder: Path) -> None:
+    """A 2-layer PixArtTransformer2DModel wired to the tiny T5's width."""
+    tiny_transformer().save_pretrained(folder)
 
 
 def _save_scheduler(folder: Path) -> None:

@@ -50,6 +50,7 @@ import re
 import shutil
 import stat
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -63,9 +64,8 @@ from safetensors.torch import load_file
 from trainer.progress_file import (
     CHECKPOINTS_DIR,
     MANIFEST_NAME,
-    STEP_DIGITS,
     STEP_NAME,
-    STEP_PREFIX,
+    step_folder,
 )
 from trainer.shards import fsync_dir, hash_file
 
@@ -78,11 +78,13 @@ __all__ = [
     "CheckpointInfo",
     "TrainingState",
     "capture_rng",
+    "check_fits",
     "checkpoint_name",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
     "load_latest",
+    "load_weights",
     "read_config",
     "restore_rng",
     "save_checkpoint",
@@ -150,7 +152,7 @@ class CheckpointInfo:
 
 def checkpoint_name(step: int) -> str:
     """The folder name of a step's checkpoint, zero-padded so names sort by step."""
-    return f"{STEP_PREFIX}{step:0{STEP_DIGITS}d}"
+    return step_folder(step)
 
 
 def _step_of(name: str) -> int | None:
@@ -541,8 +543,8 @@ def load_checkpoint(
     if verify:
         verify_checkpoint(path, hashes=True)
     state = _load_state(path, map_location)
-    weights = _load_weights(path / TRANSFORMER_DIR)
-    _check_matches(path, transformer, weights)
+    weights = load_weights(path / TRANSFORMER_DIR)
+    check_fits(path, transformer, weights)
     transformer.load_state_dict(weights, strict=True)
     return state
 
@@ -559,7 +561,7 @@ def _load_state(path: Path, map_location: str) -> TrainingState:
     return TrainingState(**{name: payload[name] for name in names})
 
 
-def _load_weights(folder: Path) -> dict[str, torch.Tensor]:
+def load_weights(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of a diffusers model folder's safetensors files (one or several shards)."""
     weights: dict[str, torch.Tensor] = {}
     try:
@@ -572,8 +574,15 @@ def _load_weights(folder: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-def _check_matches(path: Path, module: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """CheckpointError unless the saved tensors fit the module exactly (no silent casts)."""
+def check_fits(
+    path: Path,
+    module: torch.nn.Module,
+    weights: Mapping[str, torch.Tensor],
+    *,
+    exact_dtype: bool = True,
+) -> None:
+    """CheckpointError unless the saved tensors have the module's names and shapes, and (with
+    ``exact_dtype``, for resuming: no silent casts) its dtypes; sampling casts on purpose."""
     expected = module.state_dict()
     if expected.keys() != weights.keys():
         missing = sorted(expected.keys() - weights.keys())[:3]
@@ -583,7 +592,7 @@ def _check_matches(path: Path, module: torch.nn.Module, weights: dict[str, torch
         )
     for name, tensor in expected.items():
         saved = weights[name]
-        if saved.shape != tensor.shape or saved.dtype != tensor.dtype:
+        if saved.shape != tensor.shape or (exact_dtype and saved.dtype != tensor.dtype):
             raise CheckpointError(
                 f"{path}: {name} was saved as {saved.dtype} {tuple(saved.shape)} but the model"
                 f" has {tensor.dtype} {tuple(tensor.shape)} (a different preset or model?)"

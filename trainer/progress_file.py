@@ -20,6 +20,13 @@ CHECKPOINTS_DIR = "checkpoints"
 STEP_PREFIX = "step-"
 STEP_DIGITS = 8
 STEP_NAME = re.compile(rf"{STEP_PREFIX}(\d{{{STEP_DIGITS},}})")
+
+
+def step_folder(step: int) -> str:
+    """The folder name of a step's checkpoint (and samples), zero-padded so names sort by step."""
+    return f"{STEP_PREFIX}{step:0{STEP_DIGITS}d}"
+
+
 MANIFEST_NAME = "manifest.json"
 # The trainer's exit code when its settings cannot work here (sysexits EX_CONFIG): no retry
 # helps, so the daemon does not restart it.

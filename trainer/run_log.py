@@ -112,7 +112,7 @@ class RunLog:
         entry = {
             "step": step, "loss": loss, "lr": lr, "grad_norm": result.grad_norm,
             "images_per_s": self._images / seconds, "seconds_per_step": seconds / self._steps,
-            "memory_gb": memory_gb(device), "time": _now(),
+            "memory_gb": memory_gb(device), "device": device.type, "time": _now(),
             **self.energy.interval(device, seconds, self._steps, self._images),
         }  # fmt: skip
         log.info(
