@@ -158,10 +158,15 @@ class LazySampler:
 
     def on(self, checkpoint: Checkpoint) -> Sampler:
         """The sampler with ``checkpoint``'s weights in place."""
+        from trainer.checkpoints import verify_checkpoint
+
         if self._sampler is None:
             from trainer.sampling import Sampler
 
             self._sampler = Sampler(pipeline_options(self.settings))
+        if checkpoint.path is not None and self._sampler.step != checkpoint.step:
+            # Every byte against the manifest: a damaged file must not render garbage.
+            verify_checkpoint(checkpoint.path, hashes=True)
         self._sampler.use_checkpoint(checkpoint.path, checkpoint.step)
         return self._sampler
 

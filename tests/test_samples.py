@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageChops, ImageStat
 
-from daemon.results import SAMPLE, Results
+from daemon.results import FRAME, SAMPLE, Results
+from daemon.samples_job import JobOptions, run_timelapse
 from daemon.settings import Settings, load_settings
 from daemon.store import Store
 from tests.immich_server import ImmichServer
@@ -220,3 +221,17 @@ def test_generate_renders_a_checkpoint_deterministically(run: Run, tmp_path: Pat
     assert odd.returncode == 2 and "nine buckets" in odd.stderr
     missing = darkroom(run, "generate", "x", "--checkpoint", "5", "--out", str(tmp_path / "x.png"))
     assert missing.returncode == 2 and "2, 4, 6" in missing.stderr, missing.stderr
+
+
+def test_a_damaged_checkpoint_is_skipped_with_the_reason(run: Run) -> None:
+    weights = next(
+        (run.settings.paths.checkpoint_dir / "checkpoints" / "step-00000004").rglob("*.safetensors")
+    )
+    data = bytearray(weights.read_bytes())
+    data[-16:] = bytes(16)  # same size, different bytes: only the hash can tell
+    weights.write_bytes(bytes(data))
+    report = run_timelapse(run.settings, JobOptions(upload=False), PROMPTS[0], seed=3)
+    assert "step 4" in report.skipped and "sha256" in report.skipped["step 4"]
+    with Store(run.settings.paths.database) as store:
+        steps = [r.step for r in Results(store).renders(FRAME)]
+    assert steps == [0, 2, 6]  # the others rendered
