@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.hooks import CHECKPOINTS_DIR, Outcome
+from daemon.results import SAMPLE, Evaluation, Results
 from daemon.settings import Settings
 from daemon.store import CheckpointRecord, Store, TrainingRun
 from trainer.progress_file import read_progress
@@ -47,6 +48,10 @@ def render_status(settings: Settings) -> str:
         problems = store.problems(MAX_PROBLEMS)
         runs = store.training_runs(1)
         checkpoints = store.newest_checkpoints(MAX_CHECKPOINTS)
+        results = Results(store)
+        samples = sample_lines(
+            len(results.renders(SAMPLE)), results.upload_count(), results.latest_evaluations()
+        )
     lines = [
         f"state: {path}",
         f"assets: {assets['known']} known, {assets['trashed']} in trash, "
@@ -64,7 +69,22 @@ def render_status(settings: Settings) -> str:
         lines.append(f"  {count:>5} {stage} {status}: {reason or 'no reason recorded'}")
     checkpoint_dir = settings.paths.checkpoint_dir
     lines += training_lines(runs, read_progress(checkpoint_dir), checkpoints, checkpoint_dir)
-    return "\n".join(lines)
+    return "\n".join(lines + samples)
+
+
+def sample_lines(renders: int, uploads: int, evaluations: list[Evaluation]) -> list[str]:
+    """What ``darkroom samples`` made: renders, uploads, the newest held-out figures."""
+    lines = ["samples:", f"  {renders} validation renders, {uploads} files uploaded to Immich"]
+    if evaluations:
+        newest, first = evaluations[-1], evaluations[0]
+        lines.append(
+            f"  held-out loss at step {newest.step} ({newest.samples} photos): "
+            f"early {newest.early:.4f}, middle {newest.middle:.4f}, late {newest.late:.4f} "
+            f"(step {first.step}: {first.early:.4f}, {first.middle:.4f}, {first.late:.4f})"
+        )
+    else:
+        lines.append("  held-out loss: not evaluated yet")
+    return lines
 
 
 def training_lines(

@@ -176,6 +176,9 @@ def test_samples_evaluate_every_checkpoint_and_plot_it(run: Run) -> None:
     text = card.read_text()
     assert "step 4" in text.lower() and str(run.settings.cache.model) in text
     assert "CLIP scores skipped" in done.stderr
+    status = darkroom(run, "status")
+    assert f"{4 * len(PROMPTS)} validation renders, 0 files uploaded" in status.stdout
+    assert "held-out loss at step 6 (1 photos): early" in status.stdout
 
 
 def test_rendering_mid_training_leaves_the_training_bit_for_bit(

@@ -29,7 +29,7 @@ def settings_in(tmp_path: Path) -> Settings:
 
 def training_part(settings: Settings) -> str:
     text = render_status(settings)
-    return text[text.index("training:") :]
+    return text[text.index("training:") : text.index("\nsamples:")]
 
 
 def test_status_follows_a_training_run(tmp_path: Path) -> None:
