@@ -19,7 +19,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from trainer.progress_file import LOG_FILE
+from trainer.progress_file import LOG_FILE, replace_atomically, write_json_atomic
 
 log = logging.getLogger("darkroom.charts")
 
@@ -150,10 +149,7 @@ def loss_figure(
 
 def save_validation(output_dir: Path, validation: Sequence[ValidationPoint]) -> None:
     """Keep the held-out figures beside the chart, for every later redraw."""
-    target = output_dir / VALIDATION_FILE
-    tmp = target.with_name(f".{VALIDATION_FILE}.tmp")
-    tmp.write_text(json.dumps([dataclasses.asdict(point) for point in validation]))
-    os.replace(tmp, target)
+    write_json_atomic(output_dir / VALIDATION_FILE, [dataclasses.asdict(p) for p in validation])
 
 
 def read_validation(output_dir: Path) -> list[ValidationPoint]:
@@ -178,8 +174,7 @@ def plot_loss(output_dir: Path, validation: Sequence[ValidationPoint] | None = N
     if not steps and not validation:
         return None
     figure = loss_figure(steps, losses, validation)
-    target = output_dir / CHART_FILE
-    tmp = target.with_name(f".{CHART_FILE}.tmp")
-    figure.savefig(tmp, format="png")
-    os.replace(tmp, target)  # readers see the old chart or the new one, whole
-    return target
+    # Readers see the old chart or the new one, whole.
+    return replace_atomically(
+        output_dir / CHART_FILE, lambda tmp: figure.savefig(tmp, format="png")
+    )

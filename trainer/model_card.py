@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trainer.buckets import BUCKETS
-from trainer.progress_file import LOG_FILE
+from trainer.progress_file import LOG_FILE, replace_atomically
 
 if TYPE_CHECKING:
     from trainer.cache import Cache
@@ -391,8 +390,7 @@ def write_model_card(checkpoint_path: Path, card: ModelCard) -> Path:
     """Write ``MODEL_CARD.md`` into the checkpoint folder (atomically: temp file, rename).
 
     The checkpoint's manifest does not list it, and verification ignores unlisted files."""
-    target = Path(checkpoint_path) / MODEL_CARD_NAME
-    tmp = target.with_name(f".{MODEL_CARD_NAME}.tmp")
-    tmp.write_text(render_card(card), encoding="utf-8")
-    os.replace(tmp, target)
-    return target
+    text = render_card(card)
+    return replace_atomically(
+        Path(checkpoint_path) / MODEL_CARD_NAME, lambda tmp: tmp.write_text(text, encoding="utf-8")
+    )

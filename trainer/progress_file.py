@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +34,27 @@ MANIFEST_NAME = "manifest.json"
 EXIT_UNWORKABLE = 78
 
 
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Replace ``path`` with ``payload`` so a reader sees the old or the new file, whole."""
+def replace_atomically(path: Path, write: Callable[[Path], None]) -> Path:
+    """Have ``write`` fill a temporary file beside ``path``, then rename it to ``path``.
+
+    Readers see the old file or the new one, never half of one; the temporary file is gone
+    afterwards even when ``write`` fails.  ``write`` must name the format itself (the
+    temporary name ends in ``.tmp``).  Returns ``path``.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_json_atomic(path: Path, payload: object) -> None:
+    """Replace ``path`` with ``payload`` so a reader sees the old or the new file, whole."""
+    text = json.dumps(payload, indent=2) + "\n"
+    replace_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def read_progress(output_dir: Path) -> dict[str, Any] | None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import shutil
 import subprocess
 import tempfile
@@ -31,6 +30,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
+
+from trainer.progress_file import replace_atomically
 
 log = logging.getLogger("darkroom.sheets")
 
@@ -66,23 +67,6 @@ MP4_MIN_TICK_MS = 40
 MS_PER_S = 1000
 FFMPEG = "ffmpeg"
 PNG_FORMAT = "PNG"
-
-
-def replace_atomically(path: Path, write: Callable[[Path], None]) -> Path:
-    """Have ``write`` fill a temporary file beside ``path``, then rename it to ``path``.
-
-    Readers see the old file or the new one, never half of one; the temporary file is gone
-    afterwards even when ``write`` fails.  ``write`` must name the format itself (the
-    temporary name ends in ``.tmp``).  Returns ``path``.
-    """
-    tmp = path.with_name(f".{path.name}.tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 # --- PNG files with their making in them ---------------------------------------------------
