@@ -91,9 +91,9 @@ class Results:
         found = [Render(r[0], r[1], r[2], r[3], r[4], Path(r[5]), r[6]) for r in rows]
         return [render for render in found if render.path.is_file()]
 
-    def rendered_steps(self, kind: str, prompt_key: str) -> set[int]:
-        """Steps with an image of this prompt on disk."""
-        return {render.step for render in self.renders(kind, prompt_key)}
+    def rendered(self, kind: str) -> set[tuple[int, str]]:
+        """(step, prompt_key) of every render of a kind whose file exists, read once per run."""
+        return {(render.step, render.prompt_key) for render in self.renders(kind)}
 
     # -- uploads ----------------------------------------------------------------------------
 

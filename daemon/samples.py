@@ -69,6 +69,14 @@ class Checkpoint:
         return step_label(self.step)
 
 
+@dataclass(frozen=True)
+class HeldOut:
+    """The held-out cache and the digest naming its samples (computed once per run)."""
+
+    cache: Cache
+    digest: str
+
+
 @dataclass
 class SamplesReport:
     """What one ``darkroom samples`` (or ``timelapse``) run did."""
@@ -84,8 +92,10 @@ class SamplesReport:
 
 def prompt_key(text: str, seed: int, sample: SampleSettings, model: str) -> str:
     """A short stable key for an image: prompt, seed, sampling settings and base model."""
-    fields = {"prompt": text, "seed": seed, "settings": sample.describe(), "model": model}
-    fields["negative"] = sample.negative
+    fields = {
+        "prompt": text, "seed": seed, "settings": sample.describe(), "model": model,
+        "negative": sample.negative,
+    }  # fmt: skip
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
     return digest[:KEY_CHARS]
 
@@ -170,10 +180,6 @@ class LazySampler:
         self._sampler.use_checkpoint(checkpoint.path, checkpoint.step)
         return self._sampler
 
-    @property
-    def loaded(self) -> Sampler | None:
-        return self._sampler
-
 
 def render_missing(
     settings: Settings,
@@ -181,14 +187,16 @@ def render_missing(
     sampler: LazySampler,
     checkpoint: Checkpoint,
     prompts: Sequence[Prompt],
+    done: set[tuple[int, str]],
     *,
     kind: str = SAMPLE,
     scorer: ClipScorer | None = None,
 ) -> list[Path]:
-    """Render the prompts ``checkpoint`` has not rendered yet; the files written."""
+    """Render the prompts ``checkpoint`` has not rendered yet (``done``: the (step, prompt
+    key) pairs on disk, from :meth:`Results.rendered`, kept up to date); the files written."""
     from trainer.sampling import sample_metadata, save_png
 
-    missing = [p for p in prompts if checkpoint.step not in results.rendered_steps(kind, p.key)]
+    missing = [p for p in prompts if (checkpoint.step, p.key) not in done]
     written = []
     for prompt in missing:
         model = sampler.on(checkpoint)
@@ -205,6 +213,7 @@ def render_missing(
             Render(kind, checkpoint.step, prompt.key, prompt.text, prompt.seed, path, score)
         )
         log.info("%s: rendered %r (seed %d)", checkpoint.label, prompt.text, prompt.seed)
+        done.add((checkpoint.step, prompt.key))
         written.append(path)
     return written
 
@@ -213,21 +222,21 @@ def evaluate_missing(
     results: Results,
     sampler: LazySampler,
     checkpoint: Checkpoint,
-    held_out: Cache,
+    held_out: HeldOut,
     *,
     seed: int,
 ) -> Evaluation | None:
     """The checkpoint's held-out loss by bin, unless known for the current held-out set."""
-    from trainer.evaluate import binned_held_out_loss, held_out_digest
+    from trainer.evaluate import binned_held_out_loss
 
-    digest = held_out_digest(held_out)
-    if any(e.step == checkpoint.step for e in results.evaluations(digest)):
+    if any(e.step == checkpoint.step for e in results.evaluations(held_out.digest)):
         return None
     model = sampler.on(checkpoint)
-    loss = binned_held_out_loss(model.transformer, held_out, seed=seed, device=model.device)
+    loss = binned_held_out_loss(model.transformer, held_out.cache, seed=seed, device=model.device)
     evaluation = Evaluation(
-        checkpoint.step, digest, loss.samples, loss.early, loss.middle, loss.late, loss.overall
-    )
+        checkpoint.step, held_out.digest, loss.samples,
+        loss.early, loss.middle, loss.late, loss.overall,
+    )  # fmt: skip
     results.add_evaluation(evaluation)
     log.info(
         "%s: held-out loss %.4f (early %.4f, middle %.4f, late %.4f) on %d photos",

@@ -22,6 +22,7 @@ from daemon.immich import open_immich
 from daemon.results import FRAME, SAMPLE, Results
 from daemon.samples import (
     Checkpoint,
+    HeldOut,
     LazySampler,
     Prompt,
     SamplesReport,
@@ -38,7 +39,6 @@ from daemon.store import Store
 from trainer.sample_defaults import step_label
 
 if TYPE_CHECKING:
-    from trainer.cache import Cache
     from trainer.clip_score import ClipScorer
 
 log = logging.getLogger("darkroom.samples")
@@ -61,16 +61,13 @@ def run_samples(settings: Settings, options: JobOptions) -> SamplesReport:
         sampler = LazySampler(settings)
         scorer = _clip_scorer(settings, report)
         held_out = _held_out_cache(settings, stack, report) if options.evaluate else None
-        found = checkpoints(settings)
+        found, done = checkpoints(settings), results.rendered(SAMPLE)
         for checkpoint in found:
-            _checkpoint_work(settings, results, sampler, checkpoint, prompts, held_out, scorer,
-                             report)  # fmt: skip
+            _checkpoint_work(settings, results, sampler, checkpoint, prompts, done, held_out,
+                             scorer, report)  # fmt: skip
         _plot(settings, results)
         report.cards += _cards(settings, store, results, found, report)
-        built = _build_sheets(settings, results, SAMPLE, prompts)
-        report.sheets += [b.path for b in built]
-        if options.upload:
-            report.uploaded = _upload(settings, results, SAMPLE, prompts, built)
+        _sheets_and_upload(settings, results, SAMPLE, prompts, options, report)
     return report
 
 
@@ -86,14 +83,26 @@ def run_timelapse(
         kind, prompts = FRAME, [Prompt(0, prompt, seed, key)]
     with Store(settings.paths.database) as store:
         results = Results(store)
-        sampler = LazySampler(settings)
+        sampler, done = LazySampler(settings), results.rendered(kind)
         for checkpoint in checkpoints(settings):
-            _render_one(settings, results, sampler, checkpoint, prompts, kind, None, report)
-        built = _build_sheets(settings, results, kind, prompts)
-        report.sheets += [b.path for b in built]
-        if options.upload:
-            report.uploaded = _upload(settings, results, kind, prompts, built)
+            _render_one(settings, results, sampler, checkpoint, prompts, done, kind, None, report)
+        _sheets_and_upload(settings, results, kind, prompts, options, report)
     return report
+
+
+def _sheets_and_upload(
+    settings: Settings,
+    results: Results,
+    kind: str,
+    prompts: Sequence[Prompt],
+    options: JobOptions,
+    report: SamplesReport,
+) -> None:
+    """The last two stages of both commands: time-lapses and sheets, then the uploads."""
+    built = _build_sheets(settings, results, kind, prompts)
+    report.sheets += [b.path for b in built]
+    if options.upload:
+        report.uploaded = _upload(settings, results, kind, prompts, built)
 
 
 def _checkpoint_work(
@@ -102,12 +111,13 @@ def _checkpoint_work(
     sampler: LazySampler,
     checkpoint: Checkpoint,
     prompts: Sequence[Prompt],
-    held_out: Cache | None,
+    done: set[tuple[int, str]],
+    held_out: HeldOut | None,
     scorer: ClipScorer | None,
     report: SamplesReport,
 ) -> None:
     """Renders and evaluation of one checkpoint; its failure is logged and skipped."""
-    _render_one(settings, results, sampler, checkpoint, prompts, SAMPLE, scorer, report)
+    _render_one(settings, results, sampler, checkpoint, prompts, done, SAMPLE, scorer, report)
     if held_out is None or checkpoint.label in report.skipped:
         return
     from trainer.checkpoints import CheckpointError
@@ -130,6 +140,7 @@ def _render_one(
     sampler: LazySampler,
     checkpoint: Checkpoint,
     prompts: Sequence[Prompt],
+    done: set[tuple[int, str]],
     kind: str,
     scorer: ClipScorer | None,
     report: SamplesReport,
@@ -139,7 +150,7 @@ def _render_one(
 
     try:
         report.rendered += render_missing(
-            settings, results, sampler, checkpoint, prompts, kind=kind, scorer=scorer
+            settings, results, sampler, checkpoint, prompts, done, kind=kind, scorer=scorer
         )
     except (CheckpointError, OSError, RuntimeError) as exc:
         # A corrupt or mismatched checkpoint (load_state_dict raises RuntimeError): the
@@ -162,9 +173,10 @@ def _clip_scorer(settings: Settings, report: SamplesReport) -> ClipScorer | None
     return ClipScorer.load(settings.samples.clip_model, pick_device(settings.samples.device))
 
 
-def _held_out_cache(settings: Settings, stack: ExitStack, report: SamplesReport) -> Cache | None:
-    """The held-out cache, when it holds photos to evaluate on."""
+def _held_out_cache(settings: Settings, stack: ExitStack, report: SamplesReport) -> HeldOut | None:
+    """The held-out cache and its digest, when it holds photos to evaluate on."""
     from trainer.cache import Cache, CacheError
+    from trainer.evaluate import held_out_digest
 
     folder = settings.paths.held_out_dir
     if not settings.samples.evaluate:
@@ -177,7 +189,7 @@ def _held_out_cache(settings: Settings, stack: ExitStack, report: SamplesReport)
     if not cache.live_samples():
         report.notes.append("held-out evaluation skipped: no held-out photos encoded yet")
         return None
-    return cache
+    return HeldOut(cache, held_out_digest(cache))
 
 
 def _plot(settings: Settings, results: Results) -> Path | None:
