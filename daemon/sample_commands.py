@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from daemon.samples import SamplesReport
 
 EXIT_USAGE = 2  # a bad prompt, size or checkpoint: argparse's code for bad arguments
-LATEST, BASE = "latest", "base"
+LATEST = "latest"
 
 
 def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
@@ -27,17 +27,17 @@ def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
         return EXIT_UNAVAILABLE
     from dataclasses import replace
 
-    from daemon.samples import pipeline_options
-    from trainer.sampling import Sampler, SampleSettings, sample_metadata, save_png
+    from daemon.samples import pipeline_options, sample_settings
+    from trainer.sampling import Sampler, sample_metadata, save_png
 
-    samples = settings.samples
-    sample = SampleSettings(
-        steps=args.steps or samples.steps,
-        guidance=samples.guidance if args.guidance is None else args.guidance,
-        seed=DEFAULT_SEED if args.seed is None else args.seed,
-        width=args.width or samples.width,
-        height=args.height or samples.height,
-        negative=samples.negative if args.negative is None else args.negative,
+    given = {
+        "steps": args.steps, "guidance": args.guidance, "width": args.width,
+        "height": args.height, "negative": args.negative,
+    }  # fmt: skip
+    seed = DEFAULT_SEED if args.seed is None else args.seed
+    sample = replace(
+        sample_settings(settings, seed),
+        **{name: value for name, value in given.items() if value is not None},
     )
     try:
         sample.check()

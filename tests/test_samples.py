@@ -222,6 +222,8 @@ def test_generate_renders_a_checkpoint_deterministically(run: Run, tmp_path: Pat
         assert ImageChops.difference(one, other_seed).getbbox() is not None
     odd = darkroom(run, "generate", "x", "--width", "1000", "--out", str(tmp_path / "x.png"))
     assert odd.returncode == 2 and "nine buckets" in odd.stderr
+    none = darkroom(run, "generate", "x", "--steps", "0", "--out", str(tmp_path / "x.png"))
+    assert none.returncode == 2 and "steps must be at least 1" in none.stderr
     missing = darkroom(run, "generate", "x", "--checkpoint", "5", "--out", str(tmp_path / "x.png"))
     assert missing.returncode == 2 and "2, 4, 6" in missing.stderr, missing.stderr
 
