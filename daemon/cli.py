@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from daemon import cache_commands, sample_commands, train_command
+from daemon import cache_commands, sample_commands, studio_command, train_command
 from daemon.logs import configure_logging, use_journal_format
 from daemon.settings import Settings, SettingsError, load_settings
 
@@ -139,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     cache_commands.add_arguments(commands)
     train_command.add_arguments(commands)
     sample_commands.add_arguments(commands)
+    studio_command.add_arguments(commands)
     _review_arguments(subs["review"])
     subs["recurate"].add_argument(
         "--since-version",

@@ -327,6 +327,21 @@ class SamplesSettings(_Section):
     evaluate: bool = Field(default=True, description="Held-out loss per checkpoint.")
 
 
+class StudioSettings(_Section):
+    """``darkroom studio``: the local web app that looks inside the model."""
+
+    host: str = Field(
+        default="127.0.0.1", description="Listen address; any other than loopback needs token."
+    )
+    port: int = Field(default=8178, ge=1, le=65535)
+    token: SecretStr | None = Field(
+        default=None, description="Required by every request when set (16+ characters)."
+    )
+    max_runs: int = Field(default=16, ge=1, description="Finished runs kept for scrubbing.")
+    memory_mb: int = Field(default=2048, ge=64, description="Memory the kept runs may hold.")
+    max_waiting: int = Field(default=8, ge=1, description="Queued runs at most; more get 503.")
+
+
 class PathSettings(_Section):
     """Where darkroom keeps its state, its training cache and its checkpoints."""
 
@@ -368,6 +383,7 @@ class Settings(_Section):
     hooks: HookSettings = HookSettings()
     cache: CacheSettings = CacheSettings()
     samples: SamplesSettings = SamplesSettings()
+    studio: StudioSettings = StudioSettings()
     train: TrainSettings = TrainSettings()
     paths: PathSettings
 

@@ -58,6 +58,9 @@ def real_jpegs() -> dict[str, bytes]:
 # Curation fixtures (the Ollama stand-in with a looking critic, a darkroom Context).
 from tests.curation_harness import critic, make_ctx, ollama  # noqa: E402, F401
 
+# darkroom studio over the tiny model, served by uvicorn on 127.0.0.1.
+from tests.studio_fixtures import studio_engine, studio_server  # noqa: E402, F401
+
 # A tiny PixArt-Sigma folder (VAE, T5, tokenizer, transformer), built once per session.
 from tests.tiny_models import tiny_pixart  # noqa: E402, F401
 

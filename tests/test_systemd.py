@@ -55,6 +55,7 @@ EXAMPLE_NOT_DEFAULT = {
     ("hooks", "train_command"),
     ("hooks", "samples_command"),
     ("samples", "clip_model"),
+    ("studio", "token"),
     ("train", "learning_rate"),
     ("train", "min_snr_gamma"),
     ("train", "ema_decay"),

@@ -403,9 +403,13 @@ class TextEncoder:
         )
         return encoded["input_ids"]
 
+    def token_ids(self, caption: str) -> list[int]:
+        """The token ids ``caption`` encodes from (EOS last, at most max_length)."""
+        return self._token_ids([caption])[0]
+
     def token_count(self, caption: str) -> int:
         """How many tokens ``caption`` encodes to (EOS included, at most max_length)."""
-        return len(self._token_ids([caption])[0])
+        return len(self.token_ids(caption))
 
     def encode(
         self,

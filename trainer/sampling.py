@@ -77,6 +77,8 @@ PIXEL_MAX = 255  # 8-bit output; the VAE decodes to [-1, 1]
 DISTRIBUTION = "immich-darkroom"
 
 StepCallback = Callable[[int, torch.Tensor], None]
+# Called with (step index, timestep, the step's input latents, the guided noise estimate).
+NoiseCallback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 # --- settings ------------------------------------------------------------------------------
@@ -243,6 +245,10 @@ class Sampler:
 
     # --- the three stages ---
 
+    def token_ids(self, prompt: str) -> list[int]:
+        """The token ids :meth:`encode_prompt` encodes ``prompt`` from (EOS last)."""
+        return self._text.token_ids(prompt)
+
     @torch.inference_mode()
     def encode_prompt(self, prompt: str, negative: str) -> Conditioning:
         """T5 embeddings of ``prompt`` and ``negative``, tokenized and rounded as the training
@@ -260,23 +266,30 @@ class Sampler:
     @torch.inference_mode()
     def denoise(
         self,
-        cond: Conditioning,
+        cond: Conditioning | Callable[[int], Conditioning],
         settings: SampleSettings,
         *,
         seed_offset: int = 0,
         on_step: StepCallback | None = None,
+        on_noise: NoiseCallback | None = None,
     ) -> torch.Tensor:
         """Denoise fresh noise (seed ``settings.seed + seed_offset``) into float32 latents
         (1, C, height/8, width/8) on the device; ``on_step(index, latents)`` after each step.
+
+        ``cond`` may be a function of the step index (the studio's prompt blending), and
+        ``on_noise`` sees each step's noise estimate (its previews of the clean image).
         """
         settings.check()
-        scheduler = self._scheduler(settings.steps)
+        scheduler = self.scheduler(settings.steps)
         generator = torch.Generator("cpu").manual_seed(settings.seed + seed_offset)
         latents = self._initial_noise(settings, generator) * scheduler.init_noise_sigma
         step_kwargs = _step_kwargs(scheduler, generator)
         for index, timestep in enumerate(scheduler.timesteps):
             model_input = scheduler.scale_model_input(latents, timestep)
-            noise = self.predict_noise(model_input, timestep, cond, settings.guidance)
+            step_cond = cond(index) if callable(cond) else cond
+            noise = self.predict_noise(model_input, timestep, step_cond, settings.guidance)
+            if on_noise is not None:
+                on_noise(index, timestep, model_input, noise)
             latents = scheduler.step(noise, timestep, latents, **step_kwargs, return_dict=False)[0]
             if on_step is not None:
                 on_step(index, latents)
@@ -332,7 +345,7 @@ class Sampler:
             raise ValueError(f"count must be at least 1, got {count}")
         images: list[Image.Image] = []
         with (
-            _forked_rng(self.device),
+            forked_rng(self.device),
             torch.inference_mode(),
             Progress(count * settings.steps, "steps", bar=bar) as progress,
         ):
@@ -362,7 +375,7 @@ class Sampler:
 
     # --- helpers ---
 
-    def _scheduler(self, steps: int) -> Any:
+    def scheduler(self, steps: int) -> Any:
         """A fresh copy of the model's scheduler set to ``steps`` steps: schedulers keep
         per-run state (multistep history), so each image gets its own."""
         base = self.pipeline.scheduler
@@ -386,7 +399,7 @@ def _step_kwargs(scheduler: Any, generator: torch.Generator) -> dict[str, torch.
     return {"generator": generator} if accepts else {}
 
 
-def _forked_rng(device: torch.device) -> AbstractContextManager[None]:
+def forked_rng(device: torch.device) -> AbstractContextManager[None]:
     """A context that restores the CPU's and ``device``'s global RNG states on exit."""
     if device.type == "cpu":
         return torch.random.fork_rng(devices=[])
