@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import io
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -289,7 +292,7 @@ def test_an_exposed_studio_without_a_token_does_not_start(studio_engine: Engine)
     StudioConfig(config.pipeline, config.checkpoint_dir, host="::1").check()
 
 
-def test_the_command_refuses_an_exposed_studio_before_loading(tmp_path: Any) -> None:
+def test_the_command_refuses_an_exposed_studio_before_loading(tmp_path: Path) -> None:
     env = {
         **os.environ,
         "DARKROOM_PATHS__STATE_DIR": str(tmp_path),
@@ -301,6 +304,59 @@ def test_the_command_refuses_an_exposed_studio_before_loading(tmp_path: Any) -> 
     )  # fmt: skip
     assert done.returncode == 2
     assert "set studio.token" in done.stderr
+
+
+def free_port() -> int:
+    """A port nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_the_command_serves_and_never_logs_the_token(tiny_pixart: Path, tmp_path: Path) -> None:
+    """``darkroom studio`` as a user starts it: it loads the model, answers with the token,
+    signs a browser in through ``/?token=``, stops on SIGTERM, and its output never holds
+    the token (no access log: the sign-in URL carries it)."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "DARKROOM_PATHS__STATE_DIR": str(tmp_path),
+        "DARKROOM_CACHE__MODEL": str(tiny_pixart),
+        "DARKROOM_SAMPLES__DEVICE": "cpu",
+        "DARKROOM_SAMPLES__PRECISION": "fp32",
+        "DARKROOM_STUDIO__TOKEN": TOKEN,
+        "DARKROOM_STUDIO__PORT": str(port),
+    }
+    studio = subprocess.Popen(
+        [sys.executable, "-m", "daemon.cli", "studio"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while True:
+            assert studio.poll() is None, "the studio exited"
+            assert time.monotonic() < deadline, "the studio did not start"
+            try:
+                options = httpx.get(
+                    f"{url}/api/options", headers={"Authorization": f"Bearer {TOKEN}"}
+                )
+                break
+            except httpx.TransportError:
+                time.sleep(POLL_S * 5)
+        assert options.status_code == 200 and options.json()["defaults"]["steps"] == 30
+        assert httpx.get(f"{url}/api/options").status_code == 401
+        signed_in = httpx.get(f"{url}/", params={"token": TOKEN}, follow_redirects=True)
+        assert signed_in.status_code == 200 and "<html" in signed_in.text.lower()
+    finally:
+        studio.send_signal(signal.SIGTERM)
+        output, _ = studio.communicate(timeout=60)
+    # uvicorn shuts down gracefully, then re-raises the signal (systemd counts it clean).
+    assert studio.returncode in (0, -signal.SIGTERM), output
+    assert "Application shutdown complete" in output
+    assert f"darkroom studio on http://127.0.0.1:{port}/" in output
+    assert TOKEN not in output
 
 
 def test_a_full_queue_refuses_more_runs(studio_engine: Engine) -> None:

@@ -375,6 +375,13 @@ def serve(config: StudioConfig) -> None:
     engine = Engine(config)
     try:
         log.info("darkroom studio on http://%s:%d/", config.host, config.port)
-        uvicorn.run(create_app(engine), host=config.host, port=config.port, log_config=None)
+        # No access log: the one request that signs in carries the token in its query.
+        uvicorn.run(
+            create_app(engine),
+            host=config.host,
+            port=config.port,
+            log_config=None,
+            access_log=False,
+        )
     finally:
         engine.close()
