@@ -3,7 +3,7 @@
 The server is the studio app under uvicorn with the tiny PixArt-Sigma (``studio_server``);
 the browser is /usr/bin/chromium through Playwright (no browser download). Without
 chromium the test is skipped, except under CI, where a missing browser is a failure.
-``DARKROOM_SCREENSHOTS=1`` also saves docs/studio-generate.png and docs/studio-heatmap.png.
+``UPDATE_SCREENSHOTS=1`` also saves docs/studio-generate.png and docs/studio-heatmap.png.
 """
 
 from __future__ import annotations
@@ -123,8 +123,8 @@ def generate(page: Page) -> dict[str, object]:
 
 
 def screenshot(page: Page, name: str) -> None:
-    """Save docs/<name> for the README when DARKROOM_SCREENSHOTS=1."""
-    if os.environ.get("DARKROOM_SCREENSHOTS") == "1":
+    """Save docs/<name> for the README when UPDATE_SCREENSHOTS=1."""
+    if os.environ.get("UPDATE_SCREENSHOTS") == "1":
         page.screenshot(path=str(DOCS / name))
 
 

@@ -13,13 +13,27 @@ RAMP = np.array(
     [[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float32
 )
 MAX_ALPHA = 0.85  # the strongest attention still lets the image show through
-OPAQUE = 255
+LEVELS = 256  # 8-bit
+OVERLAY_SIDE = 512  # overlays are drawn this big at most; the browser scales them smoothly
+FAST_PNG = 1  # zlib level: overlays are made on a click, where speed beats a few bytes
 
 
-def png_bytes(image: Image.Image) -> bytes:
+def _palette() -> np.ndarray:
+    """The (256, 4) RGBA colour of each 8-bit level: colour and opacity grow together."""
+    level = np.linspace(0, 1, LEVELS)
+    anchors = np.linspace(0, 1, len(RAMP))
+    rgb = np.stack([np.interp(level, anchors, RAMP[:, channel]) for channel in range(3)], -1)
+    alpha = level * MAX_ALPHA * (LEVELS - 1)
+    return np.concatenate([rgb, alpha[:, None]], axis=-1).round().astype(np.uint8)
+
+
+PALETTE = _palette()
+
+
+def png_bytes(image: Image.Image, *, compress_level: int = 6) -> bytes:
     """``image`` encoded as PNG."""
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format="PNG", compress_level=compress_level)
     return buffer.getvalue()
 
 
@@ -31,14 +45,18 @@ def normalised(values: np.ndarray) -> np.ndarray:
     return (values - low) / (high - low) if high > low else np.zeros_like(values)
 
 
+def overlay_size(size: tuple[int, int]) -> tuple[int, int]:
+    """The overlay's pixel size for an image of ``size``: its aspect, at most
+    :data:`OVERLAY_SIDE` a side."""
+    scale = min(1.0, OVERLAY_SIDE / max(size))
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+
+
 def heatmap_png(values: np.ndarray, size: tuple[int, int]) -> bytes:
-    """An RGBA PNG of ``size`` (width, height) showing ``values`` (rows, columns): colour and
-    opacity both grow with the value, relative to the map's range, smoothly upsampled."""
+    """An RGBA PNG in the aspect of an image of ``size`` (width, height) showing ``values``
+    (rows, columns) smoothly upsampled, coloured through :data:`PALETTE` relative to the
+    map's range; drawn over the image, it is stretched to the image's box."""
     unit = normalised(values.astype(np.float32))
-    grey = Image.fromarray(np.round(unit * OPAQUE).astype(np.uint8), mode="L")
-    smooth = np.asarray(grey.resize(size, Image.Resampling.BILINEAR), dtype=np.float32) / OPAQUE
-    anchors = np.linspace(0, 1, len(RAMP))
-    rgb = np.stack([np.interp(smooth, anchors, RAMP[:, channel]) for channel in range(3)], -1)
-    alpha = smooth * MAX_ALPHA * OPAQUE
-    rgba = np.concatenate([rgb, alpha[..., None]], axis=-1).round().astype(np.uint8)
-    return png_bytes(Image.fromarray(rgba, mode="RGBA"))
+    grey = Image.fromarray(np.round(unit * (LEVELS - 1)).astype(np.uint8), mode="L")
+    smooth = np.asarray(grey.resize(overlay_size(size), Image.Resampling.BILINEAR))
+    return png_bytes(Image.fromarray(PALETTE[smooth], mode="RGBA"), compress_level=FAST_PNG)
