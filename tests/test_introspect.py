@@ -220,7 +220,7 @@ def test_nearest_tokens_by_cosine_similarity(inspector: Inspector) -> None:
     assert nearest[0][1] == pytest.approx(float(cosine.max()), abs=1e-5)
     ids = {i for i, _ in nearest}
     assert token.token_id not in ids and not ids & set(tokenizer.all_special_ids)
-    replaced = inspector.substitute(PROMPT, 1, nearest[0][0])
+    replaced = inspector.substitute(inspector.tokens(PROMPT), 1, nearest[0][0])
     assert inspector.tokens(replaced)[1].token_id == nearest[0][0]
     with pytest.raises(ValueError, match="token id"):
         inspector.nearest_tokens(len(tokenizer) + 5)

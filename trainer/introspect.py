@@ -59,8 +59,14 @@ class Token:
 
     @property
     def text(self) -> str:
-        """The piece for people: ``"▁golden"`` -> ``"golden"``, ``"</s>"`` stays."""
-        return self.piece.replace("▁", " ").strip() or self.piece
+        """The piece for people (:func:`piece_text`)."""
+        return piece_text(self.piece)
+
+
+def piece_text(piece: str) -> str:
+    """A sentencepiece piece for people: ``"▁golden"`` -> ``"golden"``; ``"</s>"`` and a
+    lone ``"▁"`` stay as they are."""
+    return piece.replace("▁", " ").strip() or piece
 
 
 @dataclass(frozen=True)
@@ -169,9 +175,9 @@ class Inspector:
             for index, (piece, token_id) in enumerate(zip(pieces, ids, strict=True))
         ]
 
-    def substitute(self, prompt: str, index: int, token_id: int) -> str:
-        """``prompt`` with its token ``index`` replaced by ``token_id``, as text."""
-        tokens = self.tokens(prompt)
+    def substitute(self, tokens: list[Token], index: int, token_id: int) -> str:
+        """The prompt of ``tokens`` (from :meth:`tokens`) with token ``index`` replaced by
+        ``token_id``, as text."""
         tokenizer = self.sampler.pipeline.tokenizer
         pieces = [t.piece for t in tokens if not t.special]
         pieces[index] = tokenizer.convert_ids_to_tokens(token_id)
@@ -188,20 +194,10 @@ class Inspector:
         if not 0 <= token_id < vocab:
             raise ValueError(f"token id must be in 0..{vocab - 1}, got {token_id}")
         if self._norms is None:
-            self._norms = torch.cat(
-                [
-                    table[start : start + EMBEDDING_CHUNK].float().norm(dim=1)
-                    for start in range(0, vocab, EMBEDDING_CHUNK)
-                ]
-            )
+            self._norms = torch.cat([rows.norm(dim=1) for rows in _chunks(table, vocab)])
         query = table[token_id].float()
-        dots = torch.cat(
-            [
-                table[start : min(start + EMBEDDING_CHUNK, vocab)].float() @ query
-                for start in range(0, vocab, EMBEDDING_CHUNK)
-            ]
-        )
-        similarity = dots / (self._norms[:vocab] * query.norm()).clamp_min(torch.finfo().tiny)
+        dots = torch.cat([rows @ query for rows in _chunks(table, vocab)])
+        similarity = dots / (self._norms * query.norm()).clamp_min(torch.finfo().tiny)
         similarity[[token_id, *tokenizer.all_special_ids]] = -math.inf
         best = similarity.topk(min(k, vocab - 1))
         return [
@@ -331,6 +327,13 @@ class Inspector:
             previews.append(self.sampler.decode(F.avg_pool2d(clean, shrink))[0])
 
         return preview
+
+
+def _chunks(table: torch.Tensor, rows: int) -> Iterator[torch.Tensor]:
+    """The first ``rows`` rows of an embedding table in float32, a bounded chunk at a time
+    (the whole of T5's table in float32 would be half a gigabyte)."""
+    for start in range(0, rows, EMBEDDING_CHUNK):
+        yield table[start : min(start + EMBEDDING_CHUNK, rows)].float()
 
 
 def _bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

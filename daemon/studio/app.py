@@ -33,7 +33,8 @@ from daemon.studio.engine import Engine, Finished, RunSpec, StudioConfig, is_loo
 from daemon.studio.pictures import heatmap_png
 from daemon.studio.runs import QueueFull, Run, RunQueue, State
 from trainer.buckets import BUCKETS
-from trainer.introspect import MAX_STRENGTH, SUGGESTIONS, Blend, Strength
+from trainer.introspect import MAX_STRENGTH, SUGGESTIONS, Blend, Strength, piece_text
+from trainer.sample_defaults import BASE_LABEL
 from trainer.sampling import MAX_SEED
 
 log = logging.getLogger("darkroom.studio")
@@ -75,7 +76,7 @@ class RunIn(BaseModel):
     guidance: float | None = Field(default=None, ge=0, le=MAX_GUIDANCE)
     width: int | None = None
     height: int | None = None
-    checkpoint: str = "base"
+    checkpoint: str = BASE_LABEL
     blocks: list[int] | None = None
     strength: StrengthIn | None = None
     blend: BlendIn | None = None
@@ -172,7 +173,7 @@ def _model_routes(app: FastAPI, engine: Engine) -> None:
             "max_length": engine.config.pipeline.max_length,
             "checkpoints": engine.checkpoints(),
             "sizes": [{"width": b.width, "height": b.height, "name": b.name} for b in BUCKETS],
-            "defaults": {"prompt": "", **vars(defaults), "checkpoint": "base"},
+            "defaults": {"prompt": "", **vars(defaults), "checkpoint": BASE_LABEL},
             "limits": {"max_steps": MAX_STEPS, "max_strength": MAX_STRENGTH},
         }
 
@@ -191,9 +192,9 @@ def _model_routes(app: FastAPI, engine: Engine) -> None:
         suggestions = [
             {
                 "piece": piece,
-                "text": piece.replace("▁", " ").strip() or piece,
+                "text": piece_text(piece),
                 "similarity": round(similarity, 4),
-                "prompt": inspector.substitute(prompt, index, token_id),
+                "prompt": inspector.substitute(listed, index, token_id),
             }
             for (token_id, similarity), piece in zip(found, pieces, strict=True)
         ]

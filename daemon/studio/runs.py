@@ -183,12 +183,12 @@ class RunQueue(Generic[R]):
             for r in self._runs.values()
             if r.state in (State.DONE, State.FAILED) and r is not keep
         ]
-        limit = self._max_runs - 1  # room for keep
-        held = sum(r.size for r in finished)
-        for run in finished:
-            if len(finished) <= limit and held + keep.size <= self._max_bytes:
+        kept = len(finished) + 1
+        held = sum(r.size for r in finished) + keep.size
+        for run in finished:  # least recently used first
+            if kept <= self._max_runs and held <= self._max_bytes:
                 break
             del self._runs[run.id]
-            finished = finished[1:]
+            kept -= 1
             held -= run.size
             log.info("run %s dropped from memory (limits: %d runs)", run.id, self._max_runs)

@@ -91,8 +91,7 @@ function renderChips(tokens) {
     const chip = document.createElement("button");
     chip.type = "button";
     chip.className = t.special ? "chip special" : "chip";
-    // A lone "▁" (a word boundary) has no text; show it as a visible space mark.
-    chip.textContent = t.special ? t.piece : t.text || (t.piece === "▁" ? "␣" : t.piece);
+    chip.textContent = t.text; // the server's text keeps "</s>" and a lone "▁" visible
     chip.title = `token ${t.index}: ${t.piece} (id ${t.token_id})`;
     chip.dataset.testid = "token-chip";
     chip.dataset.index = t.index;
